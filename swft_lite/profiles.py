@@ -1,0 +1,260 @@
+"""VRAM profiles: one TOML file per class of GPU, resolved into a validated `Profile`.
+
+The `Profile` dataclass is the single source of truth: its fields are the keys a profile file may set, the
+command-line overrides (`--lora-rank 8`) are generated from the same fields, and `profiles show` prints them.
+A profile file may start from another with `inherit = "rtx4090"` (a shipped name or a path) and change a few keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class ProfileError(ValueError):
+    """A profile file or override is wrong; the message names the file, the key and what was expected."""
+
+
+def _f(default, help: str, *, choices: tuple | None = None, min: float | None = None,
+       max: float | None = None, min_exclusive: bool = False, max_exclusive: bool = False):
+    meta = {"help": help, "choices": choices, "min": min, "max": max,
+            "min_exclusive": min_exclusive, "max_exclusive": max_exclusive}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Profile:
+    # What the profile is for.
+    name: str = _f("custom", "Short name shown in tables.")
+    description: str = _f("", "One line saying which cards this is for.")
+    vram_budget_gib: float = _f(16.0, "GPU memory the profile is sized for, in GiB (the card's total).", min=4, max=1024)
+    source: str = _f("", "Where the numbers come from (measurements, estimates).")
+
+    # Model loading.
+    max_seq_length: int = _f(2048, "Longest training row in tokens; longer rows are dropped or truncated.",
+                             min=128, max=131072)
+    load_in_4bit: bool = _f(True, "Load the base weights in 4 bits (QLoRA). Off means bf16 weights (~42 GB).")
+
+    # LoRA.
+    lora_rank: int = _f(16, "LoRA rank r.", min=1, max=1024)
+    lora_alpha: int = _f(32, "LoRA alpha (the update is scaled by alpha / r).", min=1, max=4096)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input; Unsloth is fastest at 0.", min=0.0, max=1.0,
+                             max_exclusive=True)
+    lora_targets: str = _f("attention+experts",
+                           "Which weights get adapters: 'attention' (q,k,v,o) or 'attention+experts' "
+                           "(also every MoE expert's gate_up and down projections).",
+                           choices=("attention", "attention+experts"))
+
+    # Batching and memory.
+    per_device_batch_size: int = _f(1, "Rows per forward pass.", min=1, max=4096)
+    gradient_accumulation_steps: int = _f(8, "Forward passes per optimizer step.", min=1, max=4096)
+    gradient_checkpointing: str = _f("unsloth", "Activation recomputation: 'unsloth' (offloads to CPU RAM), "
+                                     "'true' (plain recomputation) or 'false' (fastest, most memory).",
+                                     choices=("unsloth", "true", "false"))
+
+    # Optimizer and schedule.
+    optimizer: str = _f("adamw_8bit", "Optimizer (a transformers `optim` name).",
+                        choices=("adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"))
+    learning_rate: float = _f(2e-4, "Peak learning rate.", min=0.0, max=1.0, min_exclusive=True)
+    lr_scheduler: str = _f("cosine_with_min_lr", "Learning-rate schedule after warmup.",
+                           choices=("cosine_with_min_lr", "cosine", "linear", "constant"))
+    min_learning_rate: float = _f(1e-5, "Floor of the cosine schedule (cosine_with_min_lr only).", min=0.0, max=1.0)
+    warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming up.", min=0.0, max=1.0)
+    weight_decay: float = _f(0.01, "AdamW weight decay.", min=0.0, max=1.0)
+    max_grad_norm: float = _f(1.0, "Gradient-norm clip (0 turns clipping off).", min=0.0, max=1e6)
+    num_epochs: float = _f(3.0, "Passes over the training data (ignored when --max-steps is given).",
+                           min=0.0, max=1000.0, min_exclusive=True)
+    # gpt-oss's config sets router_aux_loss_coef 0.9 and TRL >= 1.14 adds that load-balancing loss when the config
+    # asks for router logits. With LoRA the router itself is frozen, so the only way that loss can fall is by bending
+    # the attention adapters to re-balance the experts - away from what the data asks. Off unless a user wants it.
+    router_aux_loss_coef: float = _f(0.0, "Weight of the MoE load-balancing loss (0 = off; the router stays "
+                                     "frozen under LoRA, so this only pulls the adapters away from the data).",
+                                     min=0.0, max=10.0)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Upper bound on the tokens one optimizer step trains."""
+        return self.effective_batch_size * self.max_seq_length
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PROFILE_FIELDS = {f.name: f for f in dataclasses.fields(Profile)}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+PROFILE_SUFFIX = ".toml"
+
+
+def profiles_dir() -> Path:
+    """The shipped profiles: inside the wheel as swft_lite/profiles, in a checkout at the repository top."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "profiles", here.parent / "profiles"):
+        if candidate.is_dir():
+            return candidate
+    raise ProfileError(f"no profiles folder found next to {here} (broken install?)")
+
+
+def shipped_profile_names() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*" + PROFILE_SUFFIX))
+
+
+def _check_value(key: str, value: Any, where: str) -> Any:
+    f = PROFILE_FIELDS[key]
+    meta = f.metadata
+    type_name = f.type if isinstance(f.type, str) else f.type.__name__
+    expected = _TYPE_NAMES[type_name]
+    # TOML distinguishes int/float/bool; a float key accepts an integer, nothing else is coerced.
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[type_name]
+    if not ok:
+        raise ProfileError(f"{where}: key '{key}' must be {expected}, got {value!r} ({type(value).__name__})")
+    if type_name == "float":
+        value = float(value)
+    if meta["choices"] and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ProfileError(f"{where}: key '{key}' must be one of {allowed}, got {value!r}")
+    lo, hi = meta["min"], meta["max"]
+    if lo is not None and (value < lo or (meta["min_exclusive"] and value == lo)):
+        op = ">" if meta["min_exclusive"] else ">="
+        raise ProfileError(f"{where}: key '{key}' must be {op} {lo:g}, got {value!r}")
+    if hi is not None and (value > hi or (meta["max_exclusive"] and value == hi)):
+        op = "<" if meta["max_exclusive"] else "<="
+        raise ProfileError(f"{where}: key '{key}' must be {op} {hi:g}, got {value!r}")
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such profile file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _resolve_ref(ref: str, relative_to: Path | None = None) -> Path:
+    """A profile reference is a shipped name ('rtx4090') or a path to a .toml file."""
+    looks_like_path = ref.endswith(PROFILE_SUFFIX) or "/" in ref or "\\" in ref
+    if looks_like_path:
+        p = Path(ref).expanduser()
+        if not p.is_absolute() and relative_to is not None:
+            p = relative_to / p
+        return p
+    p = profiles_dir() / (ref + PROFILE_SUFFIX)
+    if not p.exists():
+        names = ", ".join(shipped_profile_names())
+        raise ProfileError(f"unknown profile '{ref}': the shipped profiles are {names} (or pass a path to a .toml file)")
+    return p
+
+
+def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, str]]:
+    """Keys of a profile and everything it inherits, each with the file that set it."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ProfileError(f"{path}: profile inheritance loops: {chain}")
+    raw = _read_toml(path)
+    merged: dict[str, tuple[Any, str]] = {}
+    parent = raw.pop("inherit", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ProfileError(f"{path}: key 'inherit' must be a string (a profile name or path), got {parent!r}")
+        merged.update(_load_layers(_resolve_ref(parent, path.parent), (*seen, path)))
+    for key, value in raw.items():
+        if key not in PROFILE_FIELDS:
+            close = [k for k in PROFILE_FIELDS if key.replace("-", "_") == k or key in k]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ProfileError(f"{path}: unknown key '{key}'{hint}; known keys: {', '.join(PROFILE_FIELDS)}")
+        merged[key] = (value, str(path))
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `key=value` from the command line, with the value typed by the Profile field."""
+    if "=" not in text:
+        raise ProfileError(f"override '{text}': expected KEY=VALUE")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    key = key.replace("-", "_")
+    if key not in PROFILE_FIELDS:
+        raise ProfileError(f"override '{text}': unknown key '{key}'; known keys: {', '.join(PROFILE_FIELDS)}")
+    return key, coerce_cli_value(key, raw)
+
+
+def coerce_cli_value(key: str, raw: str) -> Any:
+    f = PROFILE_FIELDS[key]
+    type_name = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "bool":
+            low = raw.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+    except ValueError:
+        raise ProfileError(f"command line: key '{key}' must be {_TYPE_NAMES[type_name]}, got {raw!r}") from None
+    return raw
+
+
+def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
+    """Resolve a profile name or file, its inheritance chain and command-line overrides into a checked Profile."""
+    path = _resolve_ref(ref)
+    layers = _load_layers(path)
+    values: dict[str, Any] = {}
+    for key, (value, where) in layers.items():
+        values[key] = _check_value(key, value, where)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        values[key] = _check_value(key, value, "command line")
+    if "name" not in values:
+        values["name"] = path.stem
+    profile = Profile(**values)
+    _check_consistency(profile, str(path))
+    return profile
+
+
+def _check_consistency(p: Profile, where: str) -> None:
+    if p.lr_scheduler == "cosine_with_min_lr" and p.min_learning_rate >= p.learning_rate:
+        raise ProfileError(f"{where}: key 'min_learning_rate' ({p.min_learning_rate:g}) must be below "
+                           f"'learning_rate' ({p.learning_rate:g})")
+
+
+def all_profiles() -> list[Profile]:
+    return sorted((load_profile(n) for n in shipped_profile_names()), key=lambda p: p.vram_budget_gib)
+
+
+def profile_to_toml(p: Profile) -> str:
+    """A resolved profile as a flat TOML file a user can copy and edit."""
+    lines = []
+    for key, f in PROFILE_FIELDS.items():
+        value = getattr(p, key)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
