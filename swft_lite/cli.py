@@ -137,5 +137,108 @@ def profiles_show(profile_ref, as_json, set_values, **flags):
         click.echo(profiles_mod.profile_to_toml(p), nl=False)
 
 
+# --- train ---------------------------------------------------------------------------------------------------------
+
+
+@main.command("train")
+@click.option("--profile", "profile_ref", default=None, metavar="NAME_OR_FILE",
+              help="VRAM profile (rtx4070, rtx3090, rtx4090, h100) or a .toml file. Default: what `detect` "
+                   "recommends for this GPU.")
+@click.option("--data", default=None, metavar="PATH|sample",
+              help="Training data: .jsonl/.json/.parquet/.csv or a save_to_disk folder; 'sample' for the shipped "
+                   "sample set. Default: data/processed/train.jsonl.")
+@click.option("--eval-data", default=None, metavar="PATH", help="Evaluation data (default: validation.jsonl beside "
+              "the default training file, if present).")
+@click.option("--eval-fraction", default=0.0, type=click.FloatRange(0, 0.5),
+              help="Split this fraction off the training data for evaluation (fixed seed) when no --eval-data.")
+@click.option("--model", default="openai/gpt-oss-20b", show_default=True,
+              help="Base model: a hub id, or a local folder (loaded from local files only).")
+@click.option("--backend", type=click.Choice(["auto", "unsloth", "hf"]), default="auto", show_default=True,
+              help="unsloth: Unsloth's fast path (needs a CUDA GPU). hf: plain transformers + PEFT (+ bitsandbytes); "
+                   "also runs on CPU for tiny test models. auto: unsloth when it can run.")
+@click.option("--output-root", default="output", show_default=True, help="Folder that holds run folders.")
+@click.option("--run-name", default=None, help="Run folder name under --output-root (default: PROFILE-DATE-TIME).")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many optimizer steps "
+              "(overrides the profile's epochs).")
+@click.option("--logging-steps", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--eval-steps", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--save-steps", type=click.IntRange(1), default=100, show_default=True,
+              help="Checkpoint every N steps (and always when stopped with Ctrl-C).")
+@click.option("--save-total-limit", type=click.IntRange(1), default=3, show_default=True,
+              help="Keep the last K checkpoints.")
+@click.option("--early-stopping-patience", type=click.IntRange(1), default=None,
+              help="Stop when eval loss has not improved for N evaluations (needs eval data).")
+@click.option("--mask", type=click.Choice(["assistant", "final", "all"]), default="assistant", show_default=True,
+              help="Which tokens are trained. assistant: the reasoning (analysis) and the answer (final). final: "
+                   "the answer only - teaches a reasoning model to stop reasoning. all: every token.")
+@click.option("--overlong", type=click.Choice(["drop", "truncate"]), default="drop", show_default=True,
+              help="Rows longer than max_seq_length are dropped, or cut at the end.")
+@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
+              show_default=True, help="Reasoning level in the harmony system block for rows that set none.")
+@click.option("--date", default="2025-06-28", show_default=True,
+              help="'Current date' in the system block: fixed, so the same data trains the same way every day.")
+@click.option("--seed", type=int, default=3407, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue --run-name from its last checkpoint (refused if the data or "
+              "settings changed).")
+@click.option("--force-resume", is_flag=True, help="Resume even though data or settings changed.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder of the same name.")
+@click.option("--merge/--no-merge", default=True, show_default=True,
+              help="Write verified merged bf16 weights to RUN/merged at the end.")
+@click.option("--wandb", is_flag=True, help="Also log to Weights & Biases (needs `wandb login`).")
+@click.option("--num-proc", type=click.IntRange(1), default=None, help="Processes for rendering the data.")
+@profile_options
+def train_cmd(profile_ref, set_values, **kwargs):
+    """Fine-tune gpt-oss with LoRA: data in, adapter and merged weights out.
+
+    \b
+    Everything lands in one run folder (default output/PROFILE-DATE-TIME/):
+      adapter/      the LoRA adapter, tokenizer and chat template
+      merged/       base + adapter as bf16 safetensors, checked against the trained model
+      checkpoints/  the last --save-total-limit checkpoints
+      tensorboard/  loss, learning rate, grad norm, tokens/s, memory  (tensorboard --logdir output)
+      run.json      settings, versions, GPU, data hashes, losses, memory, speed
+
+    \b
+    Every row of the data is checked before the model loads. An existing run folder is never replaced without
+    --overwrite. Ctrl-C saves a checkpoint and stops; --resume --run-name NAME continues it. Any profile value can
+    be overridden: --lora-rank 8, --max-seq-length 2048, or --set key=value.
+    """
+    from swft_lite.train import TrainError, TrainOptions, train
+
+    flags = pop_profile_flags(kwargs)
+    if profile_ref is None:
+        profile_ref = _recommended_profile_name()
+    profile = resolve_profile(profile_ref, set_values, flags)
+    options = TrainOptions(output_root=kwargs.pop("output_root"), **kwargs)
+    try:
+        run_dir = train(profile, options, echo=click.echo)
+    except KeyboardInterrupt:
+        fail("aborted; the run folder keeps the last saved checkpoint", code=130)
+    except Exception as exc:  # user-fixable errors of every module end here as one readable line
+        if not _is_user_error(exc):
+            raise
+        fail(str(exc), code=1)
+    click.secho(f"done: {run_dir}", fg="green")
+
+
+def _is_user_error(exc: Exception) -> bool:
+    names = {"TrainError", "DataError", "BackendError", "MergeError", "ProfileError", "ExportError"}
+    return any(cls.__name__ in names for cls in type(exc).__mro__)
+
+
+def _recommended_profile_name() -> str:
+    """The profile `detect` would recommend; a clear error where no GPU fits one."""
+    try:
+        from swft_lite import hardware
+    except ImportError:  # pragma: no cover
+        fail("no --profile given; pass one of: " + ", ".join(profiles_mod.shipped_profile_names()))
+    name, reason = hardware.recommended_profile_name()
+    if name is None:
+        fail(f"no --profile given and none fits this machine: {reason}. Pass --profile explicitly "
+             "(for CPU test runs: --profile rtx4070 --backend hf --no-load-in-4bit).")
+    click.echo(f"profile: {name} (recommended: {reason})")
+    return name
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,191 @@
+"""Load gpt-oss and attach LoRA adapters: the one seam between swft-lite and Unsloth.
+
+Two backends take the same resolved `Profile` and return a PEFT model ready for TRL's SFTTrainer:
+
+- `unsloth`: `FastLanguageModel.from_pretrained` + `FastLanguageModel.get_peft_model`. Unsloth patches transformers,
+  TRL and PEFT when it is imported, so it must be imported before them, and only in the process that trains. This
+  module is the only place in swft-lite that imports it.
+- `hf`: plain transformers + PEFT (+ bitsandbytes for 4 bits), the standard recipe. It is how CI trains tiny models
+  on CPU and the side-by-side baseline for speed.
+
+Both put LoRA on the same weights: attention q/k/v/o as modules, and - for `attention+experts` - every expert of
+every MoE layer through PEFT `target_parameters` on the fused `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from swft_lite.profiles import Profile
+
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run here; the message says what is missing."""
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str) -> str:
+    """'auto' means unsloth on a CUDA GPU with unsloth installed, else hf."""
+    import importlib.util
+
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "auto":
+        return "unsloth" if cuda_available() and has_unsloth else "hf"
+    if requested == "unsloth":
+        if not cuda_available():
+            raise BackendError("the unsloth backend needs a CUDA GPU and none is visible here; "
+                               "use --backend hf to train on CPU (slow: for tiny test models only)")
+        if not has_unsloth:
+            raise BackendError("the unsloth backend needs Unsloth: pip install 'swft-lite[unsloth]'")
+    return requested
+
+
+def training_dtype():
+    """bf16 on GPUs that have it; fp32 on CPU and on GPUs without bf16 (fp16 LoRA on gpt-oss overflows)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.float32
+
+
+@dataclass
+class AdapterReport:
+    """What got adapters, so a run can prove its targets were trained (not silently skipped)."""
+
+    modules: list[str] = field(default_factory=list)      # e.g. model.layers.0.self_attn.q_proj
+    parameters: list[str] = field(default_factory=list)   # e.g. model.layers.0.mlp.experts.gate_up_proj
+    trainable: int = 0
+    total: int = 0
+
+    def to_dict(self) -> dict:
+        return {"modules": len(self.modules), "parameters": len(self.parameters),
+                "trainable": self.trainable, "total": self.total,
+                "module_names": self.modules, "parameter_names": self.parameters}
+
+
+def lora_kwargs(profile: Profile) -> dict:
+    targets = {"target_modules": list(ATTENTION_MODULES)}
+    targets["target_parameters"] = list(EXPERT_PARAMETERS) if profile.lora_targets == "attention+experts" else []
+    return {"r": profile.lora_rank, "lora_alpha": profile.lora_alpha, "lora_dropout": profile.lora_dropout,
+            "bias": "none", **targets}
+
+
+def inspect_adapters(model, profile: Profile) -> AdapterReport:
+    """List the adapted modules and parameters and fail when a requested target matched nothing."""
+    report = AdapterReport()
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        # PEFT's ParamWrapper (target_parameters) carries `parameter_name`; plain LoRA layers do not.
+        param_name = getattr(module, "parameter_name", None)
+        clean = name.replace("base_model.model.", "", 1)
+        if param_name:
+            # ParamWrappers nest when two parameters of one module are targeted; name the parameter, not the wrapper.
+            base = clean.split(".base_layer")[0]
+            report.parameters.append(f"{base}.{param_name}")
+        else:
+            report.modules.append(clean)
+    report.parameters = sorted(set(report.parameters))
+    for p in model.parameters():
+        report.total += p.numel()
+        if p.requires_grad:
+            report.trainable += p.numel()
+
+    n_layers = model.config.get_text_config().num_hidden_layers
+    missing = []
+    for target in ATTENTION_MODULES:
+        if sum(m.endswith("." + target) for m in report.modules) != n_layers:
+            missing.append(f"attention '{target}' ({sum(m.endswith('.' + target) for m in report.modules)} "
+                           f"of {n_layers} layers)")
+    if profile.lora_targets == "attention+experts":
+        for target in EXPERT_PARAMETERS:
+            found = sum(p.endswith(target) for p in report.parameters)
+            if found != n_layers:
+                missing.append(f"experts '{target}' ({found} of {n_layers} layers)")
+    if missing:
+        raise BackendError("LoRA did not reach every requested target: " + "; ".join(missing) +
+                           ". Training would silently skip them - refusing to start.")
+    if report.trainable == 0:
+        raise BackendError("no trainable parameters after attaching LoRA")
+    return report
+
+
+def load_hf(model_path: str, profile: Profile, *, gradient_checkpointing: bool, token: str | None = None):
+    """transformers + PEFT (+ bitsandbytes when 4-bit is asked for)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = training_dtype()
+    kwargs: dict = {"dtype": dtype, "token": token}
+    if profile.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise BackendError("load_in_4bit needs a CUDA GPU (bitsandbytes); on CPU pass --no-load-in-4bit")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": 0}
+    elif torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, token=token)
+    if profile.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(profile)))
+    return model, tokenizer
+
+
+def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None):
+    """Unsloth's FastLanguageModel. Imported here, first, so its patches land before transformers/TRL/PEFT load."""
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    from unsloth import FastLanguageModel  # noqa: F401  (must come before trl / peft imports in this process)
+
+    dtype = training_dtype()
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_path,
+        max_seq_length=profile.max_seq_length,
+        load_in_4bit=profile.load_in_4bit,
+        dtype=dtype,
+        full_finetuning=False,
+        token=token,
+    )
+    gc_mode = {"unsloth": "unsloth", "true": True, "false": False}[profile.gradient_checkpointing]
+    model = FastLanguageModel.get_peft_model(
+        model,
+        use_gradient_checkpointing=gc_mode,
+        random_state=3407,
+        max_seq_length=profile.max_seq_length,
+        **lora_kwargs(profile),
+    )
+    return model, tokenizer
+
+
+def load_for_training(backend: str, model_path: str, profile: Profile):
+    """(model, tokenizer, adapter report) for a resolved backend name."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if backend == "unsloth":
+        model, tokenizer = load_unsloth(model_path, profile, token=token)
+    else:
+        model, tokenizer = load_hf(model_path, profile, token=token,
+                                   gradient_checkpointing=profile.gradient_checkpointing != "false")
+    return model, tokenizer, inspect_adapters(model, profile)

@@ -1,0 +1,472 @@
+"""The training recipe: one run, top to bottom.
+
+    resolved profile + options  ->  run folder  ->  data (validated, rendered)  ->  model + LoRA  ->  SFTTrainer
+    ->  adapter  ->  merged 16-bit weights (verified)  ->  run.json
+
+A run folder holds everything a run makes:
+
+    output/<run-name>/
+        run.json        resolved config and profile, versions, GPU, data hashes, times, losses, memory, tokens/s
+        checkpoints/    checkpoint-N folders (the last K kept); --resume continues from the newest
+        tensorboard/    loss, eval loss, learning rate, grad norm, tokens/s, memory
+        adapter/        the LoRA adapter with tokenizer and chat template
+        merged/         base + adapter folded into bf16 safetensors (skipped with --no-merge)
+
+Nothing a user made is overwritten: an existing run folder is refused unless --overwrite or --resume is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from swft_lite import __version__
+from swft_lite.profiles import Profile
+
+RUN_JSON = "run.json"
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to change."""
+
+
+@dataclass
+class TrainOptions:
+    model: str = "openai/gpt-oss-20b"
+    data: str | None = None               # None: data/processed/train.jsonl; "sample": the shipped sample set
+    eval_data: str | None = None
+    eval_fraction: float = 0.0
+    output_root: str = "output"
+    run_name: str | None = None
+    backend: str = "auto"                 # auto | unsloth | hf
+    max_steps: int | None = None
+    logging_steps: int = 1
+    eval_steps: int = 50
+    save_steps: int = 100
+    save_total_limit: int = 3
+    early_stopping_patience: int | None = None
+    seed: int = 3407
+    resume: bool = False
+    force_resume: bool = False
+    overwrite: bool = False
+    merge: bool = True
+    wandb: bool = False
+    mask: str = "assistant"
+    overlong: str = "drop"
+    reasoning_effort: str = "medium"
+    date: str = "2025-06-28"
+    num_proc: int | None = None
+
+    def run_dir(self, profile: Profile) -> Path:
+        name = self.run_name or f"{profile.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        return Path(self.output_root) / name
+
+
+# Options that change what is trained; anything else (step counts for logging or saving, merge) may differ on resume.
+_FINGERPRINT_OPTIONS = ("model", "eval_fraction", "seed", "mask", "overlong", "reasoning_effort", "date")
+
+
+def fingerprint(profile: Profile, options: TrainOptions, data_report: dict) -> str:
+    payload = {
+        "profile": {k: v for k, v in profile.to_dict().items() if k not in ("description", "source")},
+        "options": {k: getattr(options, k) for k in _FINGERPRINT_OPTIONS},
+        "data": {p: f.get("sha256") for p, f in sorted(data_report.get("files", {}).items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_model(model: str) -> str:
+    """A local folder becomes an absolute path (loaded with local files only); anything else is a hub id."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise TrainError(f"--model {model}: the folder has no config.json (expected a Hugging Face model folder)")
+        return str(p.resolve())
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise TrainError(f"--model {model}: no such folder, and not a hub id of the form owner/name")
+    return model
+
+
+def prepare_run_dir(run_dir: Path, options: TrainOptions) -> None:
+    """Refuse to clobber a run. --overwrite deletes it, but train() calls this only after the new data checked out."""
+    if options.resume:
+        if not (run_dir / RUN_JSON).exists():
+            raise TrainError(f"--resume: {run_dir} holds no run (no {RUN_JSON}); start it without --resume")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not options.overwrite:
+            raise TrainError(f"{run_dir} already exists and is not empty. Nothing was changed. Use --resume to "
+                             "continue that run, --overwrite to replace it, or --run-name for a new one.")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def write_run_json(run_dir: Path, record: dict) -> None:
+    tmp = run_dir / (RUN_JSON + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(run_dir / RUN_JSON)
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("swft-lite", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
+                 "unsloth", "unsloth_zoo", "openai-harmony"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def gpu_description() -> dict | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "total_gib": round(props.total_memory / 2**30, 2),
+            "capability": f"{props.major}.{props.minor}"}
+
+
+def oom_advice(profile: Profile) -> str:
+    steps = [f"max_seq_length {profile.max_seq_length} -> {max(128, profile.max_seq_length // 2)} "
+             f"(--max-seq-length {max(128, profile.max_seq_length // 2)})"]
+    if profile.per_device_batch_size > 1:
+        b = profile.per_device_batch_size // 2
+        steps.append(f"per_device_batch_size {profile.per_device_batch_size} -> {b} and gradient_accumulation_steps "
+                     f"{profile.gradient_accumulation_steps} -> {profile.gradient_accumulation_steps * 2} "
+                     f"(--per-device-batch-size {b} --gradient-accumulation-steps "
+                     f"{profile.gradient_accumulation_steps * 2}, same effective batch)")
+    if profile.lora_targets == "attention+experts":
+        steps.append("lora_targets attention+experts -> attention (--lora-targets attention)")
+    if not profile.load_in_4bit:
+        steps.append("load_in_4bit false -> true (--load-in-4bit)")
+    if profile.gradient_checkpointing != "unsloth":
+        steps.append(f"gradient_checkpointing {profile.gradient_checkpointing} -> unsloth")
+    return (f"the GPU ran out of memory with profile '{profile.name}'. Lower, in this order: " + "; ".join(steps) +
+            ". `swft-lite detect` names the profile that fits your card.")
+
+
+class _StopRequest:
+    """Ctrl-C once: finish the current step, save a checkpoint, stop. Ctrl-C twice: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to abort now).",
+                  file=sys.stderr, flush=True)
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread (e.g. under a test runner's thread): no handler
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _callbacks(stop: _StopRequest, run_log: dict):
+    """Progress bar with ETA, loss, tokens/s and peak memory; tokens/s and memory also go to TensorBoard."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.bar = None
+            self.last_tokens = 0
+            self.last_time = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                            dynamic_ncols=True)
+            self.last_time = time.perf_counter()
+            self.last_tokens = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+            if stop.requested:
+                control.should_save = True
+                control.should_training_stop = True
+                run_log["interrupted_at_step"] = state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            # Runs before the TensorBoard callback (inserted first), so the numbers added here are logged there too.
+            if logs is None:
+                return
+            now = time.perf_counter()
+            tokens = logs.get("num_tokens")
+            if tokens is not None and "loss" in logs:
+                if tokens >= self.last_tokens and now > self.last_time:
+                    if self.last_tokens:  # the first interval includes compilation / warm-up
+                        logs["tokens_per_second"] = (tokens - self.last_tokens) / (now - self.last_time)
+                        run_log["tokens_per_second"].append(logs["tokens_per_second"])
+                self.last_tokens, self.last_time = tokens, now
+            if torch.cuda.is_available():
+                logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                logs["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            if "loss" in logs:
+                run_log["losses"].append({"step": state.global_step, "loss": logs["loss"]})
+            if "eval_loss" in logs:
+                run_log["eval_losses"].append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
+            if self.bar is not None:
+                post = {}
+                if "loss" in logs:
+                    post["loss"] = f"{logs['loss']:.4f}"
+                if "eval_loss" in logs:
+                    post["eval"] = f"{logs['eval_loss']:.4f}"
+                if "tokens_per_second" in logs:
+                    post["tok/s"] = f"{logs['tokens_per_second']:.0f}"
+                if "peak_memory_gib" in logs:
+                    post["peak"] = f"{logs['peak_memory_gib']:.1f}GiB"
+                if post:
+                    self.bar.set_postfix(post, refresh=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+    return Progress()
+
+
+def _optimizer_name(profile: Profile) -> str:
+    import torch
+
+    if "8bit" in profile.optimizer and not torch.cuda.is_available():
+        print(f"note: optimizer {profile.optimizer} needs bitsandbytes on a GPU; using adamw_torch on CPU",
+              file=sys.stderr)
+        return "adamw_torch"
+    return profile.optimizer
+
+
+def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval: bool, backend: str):
+    import torch
+    from trl import SFTConfig
+
+    from swft_lite.backends import training_dtype
+
+    scheduler_kwargs = {}
+    if profile.lr_scheduler == "cosine_with_min_lr":
+        scheduler_kwargs = {"min_lr": profile.min_learning_rate}
+    best_at_end = has_eval and options.save_steps % options.eval_steps == 0
+    report_to = ["tensorboard"] + (["wandb"] if options.wandb else [])
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        logging_dir=str(run_dir / "tensorboard"),
+        report_to=report_to,
+        run_name=run_dir.name,
+        per_device_train_batch_size=profile.per_device_batch_size,
+        per_device_eval_batch_size=profile.per_device_batch_size,
+        gradient_accumulation_steps=profile.gradient_accumulation_steps,
+        num_train_epochs=profile.num_epochs,
+        max_steps=options.max_steps if options.max_steps else -1,
+        learning_rate=profile.learning_rate,
+        lr_scheduler_type=profile.lr_scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        warmup_ratio=profile.warmup_ratio,
+        weight_decay=profile.weight_decay,
+        max_grad_norm=profile.max_grad_norm,
+        optim=_optimizer_name(profile),
+        bf16=training_dtype() == torch.bfloat16,
+        fp16=False,
+        # Gradient checkpointing is switched on by the backend when the model is built (Unsloth's own mode, or
+        # transformers' non-reentrant one); asking the Trainer again would wrap it twice.
+        gradient_checkpointing=False,
+        max_length=profile.max_seq_length,
+        packing=False,
+        router_aux_loss_coef=profile.router_aux_loss_coef,
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=options.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        load_best_model_at_end=best_at_end,
+        metric_for_best_model="eval_loss" if best_at_end else None,
+        greater_is_better=False if best_at_end else None,
+        seed=options.seed,
+        data_seed=options.seed,
+        disable_tqdm=True,
+        dataset_num_proc=options.num_proc,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
+    """Run one training job end to end; returns the run folder."""
+    from swft_lite import data as data_mod
+    from swft_lite.backends import choose_backend
+
+    model_path = resolve_model(options.model)
+    backend = choose_backend(options.backend)
+    run_dir = options.run_dir(profile)
+    if options.resume and options.run_name is None:
+        raise TrainError("--resume needs the run to continue: --run-name NAME (a folder under "
+                         f"{options.output_root}/)")
+    if not options.resume and not options.overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        prepare_run_dir(run_dir, options)  # raises before any work is done
+
+    # 1. Data: every row is validated before a model is touched; a bad row stops the run here.
+    data_opts = data_mod.DataOptions(
+        max_seq_length=profile.max_seq_length, mask=options.mask, overlong=options.overlong,
+        reasoning_effort=options.reasoning_effort, date=options.date, eval_fraction=options.eval_fraction,
+        seed=options.seed, num_proc=options.num_proc)
+    echo(f"data: checking and rendering {options.data or 'data/processed/train.jsonl'} (harmony, mask={options.mask})")
+    prepared = data_mod.prepare_data(options.data, options.eval_data, data_opts)
+    rep = prepared.report
+    echo(f"data: {len(prepared.train)} training rows" +
+         (f", {len(prepared.eval)} eval rows" if prepared.eval is not None else "") +
+         f"; {rep.get('dropped_overlong', 0)} dropped as longer than {profile.max_seq_length} tokens, "
+         f"{rep.get('truncated', 0)} truncated")
+    if len(prepared.train) == 0:
+        raise TrainError("no training rows left after the length policy; raise --max-seq-length or use "
+                         "--overlong truncate")
+
+    fp = fingerprint(profile, options, rep)
+    record: dict
+    resume_from = None
+    if options.resume:
+        prepare_run_dir(run_dir, options)
+        record = json.loads((run_dir / RUN_JSON).read_text())
+        if record.get("fingerprint") != fp and not options.force_resume:
+            raise TrainError(f"--resume: the data or settings differ from the ones {run_dir} was started with "
+                             f"(fingerprint {record.get('fingerprint')} vs now {fp}). Resuming would mix two runs. "
+                             "Use the same profile, flags and data, or --force-resume to continue anyway.")
+        resume_from = last_checkpoint(run_dir)
+        if resume_from is None:
+            raise TrainError(f"--resume: {run_dir}/checkpoints holds no checkpoint yet; start again with --overwrite")
+        echo(f"resume: continuing from {resume_from}")
+    else:
+        prepare_run_dir(run_dir, options)
+        record = {}
+    record.update({
+        "swft_lite_version": __version__,
+        "status": "running",
+        "started": datetime.now(timezone.utc).isoformat(),
+        "fingerprint": fp,
+        "model": model_path,
+        "backend": backend,
+        "profile": profile.to_dict(),
+        "options": dataclasses.asdict(options),
+        "packages": package_versions(),
+        "data": rep,
+    })
+    write_run_json(run_dir, record)
+
+    # 2. Model and adapters (Unsloth is imported here, in this process only, before TRL).
+    from swft_lite.backends import load_for_training
+
+    echo(f"model: loading {model_path} with the {backend} backend "
+         f"({'4-bit' if profile.load_in_4bit else 'bf16/fp32'} weights, LoRA r={profile.lora_rank} on "
+         f"{profile.lora_targets})")
+    t_load = time.perf_counter()
+    model, tokenizer, adapters = load_for_training(backend, model_path, profile)
+    record["gpu"] = gpu_description()
+    record["adapters"] = adapters.to_dict()
+    record["load_seconds"] = round(time.perf_counter() - t_load, 1)
+    echo(f"LoRA: {len(adapters.modules)} attention modules, {len(adapters.parameters)} expert parameter tensors; "
+         f"{adapters.trainable:,} trainable of {adapters.total:,} parameters "
+         f"({100 * adapters.trainable / max(adapters.total, 1):.2f} %)")
+    write_run_json(run_dir, record)
+
+    # 3. Train.
+    import torch
+    from trl import SFTTrainer
+    from transformers import EarlyStoppingCallback, PrinterCallback
+
+    args = sft_config(profile, options, run_dir, prepared.eval is not None, backend)
+    run_log: dict = {"losses": [], "eval_losses": [], "tokens_per_second": []}
+    with _StopRequest() as stop:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                             processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)
+        trainer.callback_handler.callbacks.insert(0, _callbacks(stop, run_log))
+        if options.early_stopping_patience and args.load_best_model_at_end:
+            trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
+        elif options.early_stopping_patience:
+            echo("note: early stopping needs eval data and --save-steps a multiple of --eval-steps; not enabled")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError:
+            record.update(status="out_of_memory", finished=datetime.now(timezone.utc).isoformat())
+            write_run_json(run_dir, record)
+            raise TrainError(oom_advice(profile)) from None
+        except KeyboardInterrupt:
+            record.update(status="aborted", finished=datetime.now(timezone.utc).isoformat(), **run_log)
+            write_run_json(run_dir, record)
+            raise
+        train_seconds = time.perf_counter() - t0
+
+    state = trainer.state
+    record.update({
+        "train_seconds": round(train_seconds, 1),
+        "global_step": state.global_step,
+        "train_loss": result.training_loss,
+        "best_checkpoint": state.best_model_checkpoint,
+        "best_eval_loss": state.best_metric,
+        **run_log,
+    })
+    if run_log["tokens_per_second"]:
+        tps = sorted(run_log["tokens_per_second"])
+        record["tokens_per_second_median"] = tps[len(tps) // 2]
+    if torch.cuda.is_available():
+        record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+
+    if stop.requested:
+        record.update(status="interrupted", finished=datetime.now(timezone.utc).isoformat())
+        write_run_json(run_dir, record)
+        echo(f"stopped at step {state.global_step}; checkpoint saved under {run_dir / 'checkpoints'}. "
+             f"Continue with the same command plus --resume --run-name {run_dir.name}")
+        return run_dir
+
+    # 4. The adapter (the best one when eval data chose it), with tokenizer and chat template.
+    adapter_dir = run_dir / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    record["adapter_dir"] = str(adapter_dir)
+    echo(f"adapter: saved to {adapter_dir}")
+    write_run_json(run_dir, record)
+
+    # 5. Merged 16-bit weights, verified against base + adapter before they are called done.
+    if options.merge:
+        del trainer, model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        from swft_lite.merge import merge_adapter
+
+        merge_report = merge_adapter(adapter_dir, base=model_path, out_dir=run_dir / "merged", echo=echo)
+        record["merge"] = merge_report
+    record.update(status="finished", finished=datetime.now(timezone.utc).isoformat())
+    write_run_json(run_dir, record)
+    return run_dir
