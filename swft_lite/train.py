@@ -74,13 +74,23 @@ class TrainOptions:
 _FINGERPRINT_OPTIONS = ("model", "eval_fraction", "seed", "mask", "overlong", "reasoning_effort", "date")
 
 
-def fingerprint(profile: Profile, options: TrainOptions, data_report: dict) -> str:
-    payload = {
-        "profile": {k: v for k, v in profile.to_dict().items() if k not in ("description", "source")},
-        "options": {k: getattr(options, k) for k in _FINGERPRINT_OPTIONS},
-        "data": {p: f.get("sha256") for p, f in sorted(data_report.get("files", {}).items())},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+def fingerprint_parts(profile: Profile, options: TrainOptions, data_report: dict) -> dict:
+    """Everything that decides what a run trains, flat, so a changed value can be named."""
+    parts = {f"profile.{k}": v for k, v in profile.to_dict().items() if k not in ("description", "source")}
+    parts.update({f"option.{k}": getattr(options, k) for k in _FINGERPRINT_OPTIONS})
+    parts.update({f"data.{p}": f.get("sha256") for p, f in sorted(data_report.get("files", {}).items())})
+    return parts
+
+
+def fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def describe_changes(before: dict, now: dict) -> str:
+    keys = sorted(set(before) | set(now))
+    changed = [f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in keys
+               if before.get(k) != now.get(k)]
+    return "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
 
 
 def resolve_model(model: str) -> str:
@@ -198,6 +208,7 @@ def _callbacks(stop: _StopRequest, run_log: dict):
     class Progress(TrainerCallback):
         def __init__(self):
             self.bar = None
+            self.post: dict[str, str] = {}  # last value of each, so an eval log does not hide the train loss
             self.last_tokens = 0
             self.last_time = None
 
@@ -235,7 +246,7 @@ def _callbacks(stop: _StopRequest, run_log: dict):
             if "eval_loss" in logs:
                 run_log["eval_losses"].append({"step": state.global_step, "eval_loss": logs["eval_loss"]})
             if self.bar is not None:
-                post = {}
+                post = self.post
                 if "loss" in logs:
                     post["loss"] = f"{logs['loss']:.4f}"
                 if "eval_loss" in logs:
@@ -274,10 +285,10 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
     if profile.lr_scheduler == "cosine_with_min_lr":
         scheduler_kwargs = {"min_lr": profile.min_learning_rate}
     best_at_end = has_eval and options.save_steps % options.eval_steps == 0
-    report_to = ["tensorboard"] + (["wandb"] if options.wandb else [])
+    # TensorBoard is attached by train() with its own writer (transformers 5 dropped `logging_dir`).
+    report_to = ["wandb"] if options.wandb else []
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
-        logging_dir=str(run_dir / "tensorboard"),
         report_to=report_to,
         run_name=run_dir.name,
         per_device_train_batch_size=profile.per_device_batch_size,
@@ -288,7 +299,7 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
         learning_rate=profile.learning_rate,
         lr_scheduler_type=profile.lr_scheduler,
         lr_scheduler_kwargs=scheduler_kwargs,
-        warmup_ratio=profile.warmup_ratio,
+        warmup_steps=profile.warmup_ratio,  # transformers 5: a float below 1 is a fraction of the steps
         weight_decay=profile.weight_decay,
         max_grad_norm=profile.max_grad_norm,
         optim=_optimizer_name(profile),
@@ -349,16 +360,18 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
         raise TrainError("no training rows left after the length policy; raise --max-seq-length or use "
                          "--overlong truncate")
 
-    fp = fingerprint(profile, options, rep)
+    parts = fingerprint_parts(profile, options, rep)
+    fp = fingerprint(parts)
     record: dict
     resume_from = None
     if options.resume:
         prepare_run_dir(run_dir, options)
         record = json.loads((run_dir / RUN_JSON).read_text())
         if record.get("fingerprint") != fp and not options.force_resume:
+            changes = describe_changes(record.get("fingerprint_parts", {}), parts)
             raise TrainError(f"--resume: the data or settings differ from the ones {run_dir} was started with "
-                             f"(fingerprint {record.get('fingerprint')} vs now {fp}). Resuming would mix two runs. "
-                             "Use the same profile, flags and data, or --force-resume to continue anyway.")
+                             f"({changes}). Resuming would mix two runs. Use the same profile, flags and data, "
+                             "or --force-resume to continue anyway.")
         resume_from = last_checkpoint(run_dir)
         if resume_from is None:
             raise TrainError(f"--resume: {run_dir}/checkpoints holds no checkpoint yet; start again with --overwrite")
@@ -366,11 +379,15 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
     else:
         prepare_run_dir(run_dir, options)
         record = {}
+    now = datetime.now(timezone.utc).isoformat()
+    if options.resume:
+        record.setdefault("resumed", []).append(now)
     record.update({
         "swft_lite_version": __version__,
         "status": "running",
-        "started": datetime.now(timezone.utc).isoformat(),
+        "started": record.get("started", now),
         "fingerprint": fp,
+        "fingerprint_parts": parts,
         "model": model_path,
         "backend": backend,
         "profile": profile.to_dict(),
@@ -399,14 +416,19 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
     # 3. Train.
     import torch
     from trl import SFTTrainer
+    from torch.utils.tensorboard import SummaryWriter
     from transformers import EarlyStoppingCallback, PrinterCallback
+    from transformers.integrations import TensorBoardCallback
 
     args = sft_config(profile, options, run_dir, prepared.eval is not None, backend)
-    run_log: dict = {"losses": [], "eval_losses": [], "tokens_per_second": []}
+    # A resumed run keeps the history it logged before it stopped.
+    run_log: dict = {k: list(record.get(k, [])) for k in ("losses", "eval_losses", "tokens_per_second")}
     with _StopRequest() as stop:
+        tb_writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                             processing_class=tokenizer)
+                             processing_class=tokenizer, callbacks=[TensorBoardCallback(tb_writer=tb_writer)])
         trainer.remove_callback(PrinterCallback)
+        # First in line, so tokens/s and memory it adds to the logs reach TensorBoard too.
         trainer.callback_handler.callbacks.insert(0, _callbacks(stop, run_log))
         if options.early_stopping_patience and args.load_best_model_at_end:
             trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
