@@ -67,7 +67,8 @@ class Profile:
     lr_scheduler: str = _f("cosine_with_min_lr", "Learning-rate schedule after warmup.",
                            choices=("cosine_with_min_lr", "cosine", "linear", "constant"))
     min_learning_rate: float = _f(1e-5, "Floor of the cosine schedule (cosine_with_min_lr only).", min=0.0, max=1.0)
-    warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming up.", min=0.0, max=1.0)
+    warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming up.", min=0.0, max=1.0,
+                             max_exclusive=True)
     weight_decay: float = _f(0.01, "AdamW weight decay.", min=0.0, max=1.0)
     max_grad_norm: float = _f(1.0, "Gradient-norm clip (0 turns clipping off).", min=0.0, max=1e6)
     num_epochs: float = _f(3.0, "Passes over the training data (ignored when --max-steps is given).",
