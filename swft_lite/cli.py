@@ -240,5 +240,29 @@ def _recommended_profile_name() -> str:
     return name
 
 
+# --- detect --------------------------------------------------------------------------------------------------------
+
+
+@main.command("detect")
+@click.option("--output-dir", default="output", show_default=True, metavar="DIR",
+              help="Where runs will be written: its free disk space is checked (a merged gpt-oss-20b is ~42 GB).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (for scripts).")
+def detect_cmd(output_dir, as_json):
+    """Report GPUs, driver, RAM, disk and package versions, and recommend a profile.
+
+    Needs no GPU: without one it says so and exits 0. Does not import unsloth.
+    """
+    from swft_lite import hardware
+
+    report = hardware.gather(output_dir)
+    try:
+        profiles = profiles_mod.all_profiles()
+    except ProfileError as exc:
+        fail(str(exc))
+    profile, reason = hardware.recommend_profile(report.gpu.gpus, profiles)
+    render = hardware.to_json if as_json else hardware.format_report
+    click.echo(render(report, profile, reason))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -8,6 +8,9 @@ A profile file may start from another with `inherit = "rtx4090"` (a shipped name
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +114,13 @@ def shipped_profile_names() -> list[str]:
     return sorted(p.stem for p in profiles_dir().glob("*" + PROFILE_SUFFIX))
 
 
+def _did_you_mean(key: str) -> str:
+    norm = key.replace("-", "_")
+    close = ([k for k in PROFILE_FIELDS if norm == k] or difflib.get_close_matches(norm, list(PROFILE_FIELDS), n=1)
+             or [k for k in PROFILE_FIELDS if norm in k])
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _check_value(key: str, value: Any, where: str) -> Any:
     f = PROFILE_FIELDS[key]
     meta = f.metadata
@@ -127,6 +137,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         raise ProfileError(f"{where}: key '{key}' must be {expected}, got {value!r} ({type(value).__name__})")
     if type_name == "float":
         value = float(value)
+        if math.isnan(value):
+            raise ProfileError(f"{where}: key '{key}' must be {expected}, got nan")
     if meta["choices"] and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ProfileError(f"{where}: key '{key}' must be one of {allowed}, got {value!r}")
@@ -178,11 +190,11 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any
         if not isinstance(parent, str):
             raise ProfileError(f"{path}: key 'inherit' must be a string (a profile name or path), got {parent!r}")
         merged.update(_load_layers(_resolve_ref(parent, path.parent), (*seen, path)))
+        merged.pop("name", None)  # a derived profile is not its parent: named by its own `name` or file name
     for key, value in raw.items():
         if key not in PROFILE_FIELDS:
-            close = [k for k in PROFILE_FIELDS if key.replace("-", "_") == k or key in k]
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ProfileError(f"{path}: unknown key '{key}'{hint}; known keys: {', '.join(PROFILE_FIELDS)}")
+            raise ProfileError(f"{path}: unknown key '{key}'{_did_you_mean(key)}; "
+                               f"known keys: {', '.join(PROFILE_FIELDS)}")
         merged[key] = (value, str(path))
     return merged
 
@@ -194,7 +206,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = (s.strip() for s in text.split("=", 1))
     key = key.replace("-", "_")
     if key not in PROFILE_FIELDS:
-        raise ProfileError(f"override '{text}': unknown key '{key}'; known keys: {', '.join(PROFILE_FIELDS)}")
+        raise ProfileError(f"override '{text}': unknown key '{key}'{_did_you_mean(key)}; "
+                           f"known keys: {', '.join(PROFILE_FIELDS)}")
     return key, coerce_cli_value(key, raw)
 
 
@@ -232,14 +245,18 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
     if "name" not in values:
         values["name"] = path.stem
     profile = Profile(**values)
-    _check_consistency(profile, str(path))
+    sources = {key: where for key, (_, where) in layers.items()}
+    sources.update({key: "command line" for key, value in (overrides or {}).items() if value is not None})
+    _check_consistency(profile, str(path), sources)
     return profile
 
 
-def _check_consistency(p: Profile, where: str) -> None:
+def _check_consistency(p: Profile, where: str, sources: dict[str, str] | None = None) -> None:
     if p.lr_scheduler == "cosine_with_min_lr" and p.min_learning_rate >= p.learning_rate:
-        raise ProfileError(f"{where}: key 'min_learning_rate' ({p.min_learning_rate:g}) must be below "
-                           f"'learning_rate' ({p.learning_rate:g})")
+        src = sources or {}
+        raise ProfileError(f"{where}: key 'min_learning_rate' ({p.min_learning_rate:g}, from "
+                           f"{src.get('min_learning_rate', 'the defaults')}) must be below 'learning_rate' "
+                           f"({p.learning_rate:g}, from {src.get('learning_rate', 'the defaults')})")
 
 
 def all_profiles() -> list[Profile]:
@@ -254,7 +271,7 @@ def profile_to_toml(p: Profile) -> str:
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, str):
-            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            text = json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
         else:
             text = repr(value)
         lines.append(f"{key} = {text}")
