@@ -155,10 +155,19 @@ def load_hf(model_path: str, profile: Profile, *, gradient_checkpointing: bool, 
     return model, tokenizer
 
 
-def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None):
-    """Unsloth's FastLanguageModel. Imported here, first, so its patches land before transformers/TRL/PEFT load."""
+def import_unsloth():
+    """Import Unsloth before anything imports transformers, TRL or PEFT: it patches them at import time, and warns
+    (and skips optimisations) when it comes second. Called first thing by a training run that uses it."""
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-    from unsloth import FastLanguageModel  # noqa: F401  (must come before trl / peft imports in this process)
+    import unsloth  # noqa: F401
+
+    return unsloth
+
+
+def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None):
+    """Unsloth's FastLanguageModel: 4-bit or bf16 weights, LoRA with Unsloth's gradient checkpointing."""
+    import_unsloth()
+    from unsloth import FastLanguageModel
 
     dtype = training_dtype()
     model, tokenizer = FastLanguageModel.from_pretrained(

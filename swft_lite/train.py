@@ -131,16 +131,11 @@ def write_run_json(run_dir: Path, record: dict) -> None:
 
 
 def package_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
+    from swft_lite.hardware import installed_version
 
-    out = {}
-    for name in ("swft-lite", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
-                 "unsloth", "unsloth_zoo", "openai-harmony"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+    return {name: installed_version(name) for name in (
+        "swft-lite", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth",
+        "unsloth_zoo", "openai-harmony")}
 
 
 def gpu_description() -> dict | None:
@@ -333,10 +328,12 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
 def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
     """Run one training job end to end; returns the run folder."""
     from swft_lite import data as data_mod
-    from swft_lite.backends import choose_backend
+    from swft_lite.backends import choose_backend, import_unsloth
 
     model_path = resolve_model(options.model)
     backend = choose_backend(options.backend)
+    if backend == "unsloth":
+        import_unsloth()  # before the data step imports transformers
     run_dir = options.run_dir(profile)
     if options.resume and options.run_name is None:
         raise TrainError("--resume needs the run to continue: --run-name NAME (a folder under "
