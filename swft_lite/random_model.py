@@ -49,7 +49,14 @@ def build_random_gpt_oss(config, seed: int = 0, dtype=None):
     from transformers import GptOssForCausalLM
 
     torch.manual_seed(seed)
-    model = GptOssForCausalLM(config)
+    # Built directly in the target dtype: the full model in fp32 first would need ~84 GB.
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        model = GptOssForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.sinks.normal_(0.0, 0.5)
@@ -57,8 +64,6 @@ def build_random_gpt_oss(config, seed: int = 0, dtype=None):
             # projections so adapters on them move the logits measurably.
             for p in layer.mlp.experts.parameters():
                 p.normal_(0.0, config.initializer_range)
-    if dtype is not None:
-        model = model.to(dtype)
     return model.eval()
 
 

@@ -1,0 +1,88 @@
+"""Raw Unsloth, the way its gpt-oss notebook trains: the baseline swft-lite's own path is measured against.
+
+Same data (rendered by swft-lite, so both train identical tokens), same LoRA settings, same batch; no swft-lite code
+in the training loop. Prints and writes one JSON line: median tokens/s over the logged steps after the first,
+peak allocated/reserved GPU memory.
+
+    python scripts/raw_unsloth.py --model /tmp/m2 --data rows.jsonl --seq 4096 --batch 2 --steps 20 --out raw.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+from unsloth import FastLanguageModel  # noqa: E402  (before trl/peft/transformers, as Unsloth requires)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", choices=["attention", "attention+experts"], default="attention+experts")
+    ap.add_argument("--bf16-weights", action="store_true", help="no 4-bit")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from swft_lite.data import DataOptions, prepare_data
+
+    prepared = prepare_data(args.data, None, DataOptions(max_seq_length=args.seq))
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=args.model, max_seq_length=args.seq, load_in_4bit=not args.bf16_weights, dtype=torch.bfloat16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    if args.targets == "attention+experts":
+        targets += ["gate_proj", "up_proj", "down_proj"]  # Unsloth maps these onto the fused expert parameters
+    model = FastLanguageModel.get_peft_model(
+        model, r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, bias="none", target_modules=targets,
+        use_gradient_checkpointing="unsloth", random_state=3407)
+
+    samples = []
+
+    class Clock(TrainerCallback):
+        last = None
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            now = time.perf_counter()
+            if logs and "num_tokens" in logs:
+                if self.last is not None and logs["num_tokens"] > self.last[0]:
+                    samples.append((logs["num_tokens"] - self.last[0]) / (now - self.last[1]))
+                self.last = (logs["num_tokens"], now)
+
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=prepared.train,
+                         callbacks=[Clock()],
+                         args=SFTConfig(output_dir="/tmp/raw-unsloth", per_device_train_batch_size=args.batch,
+                                        gradient_accumulation_steps=args.accum, max_steps=args.steps,
+                                        learning_rate=2e-4, logging_steps=1, optim="adamw_8bit", bf16=True,
+                                        max_length=args.seq, report_to=[], save_strategy="no", seed=3407,
+                                        router_aux_loss_coef=0.0))
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    samples = sorted(samples[1:])  # the first interval holds compilation
+    result = {
+        "stack": "raw unsloth", "seq": args.seq, "batch": args.batch, "accum": args.accum, "steps": args.steps,
+        "targets": args.targets, "rank": args.rank, "four_bit": not args.bf16_weights,
+        "tokens_per_second_median": samples[len(samples) // 2] if samples else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "gpu": torch.cuda.get_device_name(0),
+    }
+    print(json.dumps(result))
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
