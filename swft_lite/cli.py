@@ -264,5 +264,58 @@ def detect_cmd(output_dir, as_json):
     click.echo(render(report, profile, reason))
 
 
+# --- data ----------------------------------------------------------------------------------------------------------
+
+
+@main.group("data")
+def data_group():
+    """Check training data before a GPU hour is spent on it.
+
+    Reads JSONL, JSON, Parquet, CSV or a `datasets.save_to_disk` folder, in chat ({"messages": [...]}),
+    prompt/completion, Alpaca or harmony-text format. `sample` names the small set shipped with swft-lite.
+    """
+
+
+@data_group.command("check")
+@click.argument("path", metavar="FILE")
+@click.option("--profile", "profile_ref", default="rtx4090", show_default=True,
+              help="Profile whose max_seq_length rows are measured against.")
+@click.option("--max-seq-length", type=int, default=None, help="Override the profile's max_seq_length.")
+@click.option("--mask", type=click.Choice(["assistant", "final", "all"]), default="assistant", show_default=True,
+              help="Which tokens are trained. 'assistant': every assistant message (reasoning, tool calls, answer, "
+                   "with their channel headers and terminators). 'final': the answers only - that teaches a "
+                   "reasoning model to answer without the reasoning that led there. 'all': every token.")
+@click.option("--overlong", type=click.Choice(["drop", "truncate"]), default="drop", show_default=True,
+              help="What training does with rows longer than max_seq_length.")
+@click.option("--format", "fmt", type=click.Choice(["chat", "prompt_completion", "alpaca", "text"]), default=None,
+              help="Force the row format (default: detected from the first row).")
+@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
+              show_default=True, help="Reasoning effort in the system block for rows that set none.")
+@click.option("--show", type=int, default=0, metavar="N", help="Print N rendered rows with untrained text «marked».")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning_effort, show, as_json):
+    """Validate every row of FILE, then summarise what training would see.
+
+    Exit 0 when every row is valid, 1 when any is not (one `FILE:LINE: what is wrong` line each; `row N` for
+    JSON arrays, Parquet, CSV and save_to_disk folders), 2 when FILE can't be read at all. The summary gives
+    token lengths rendered exactly as training renders them (harmony), rows over max_seq_length and trained tokens.
+    """
+    from swft_lite import data as data_mod
+
+    profile = resolve_profile(profile_ref, (), {"max_seq_length": max_seq_length})
+    options = data_mod.DataOptions(max_seq_length=profile.max_seq_length, mask=mask, overlong=overlong, format=fmt,
+                                   reasoning_effort=reasoning_effort)
+    try:
+        result = data_mod.check_file(path, options, show=max(0, show), length_source=(
+            f"profile {profile.name}" if max_seq_length is None else "--max-seq-length"))
+    except data_mod.DataError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(data_mod.format_check(result, color=sys.stdout.isatty()), nl=False)
+    sys.exit(0 if result.ok else 1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
