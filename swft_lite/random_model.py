@@ -16,7 +16,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def gpt_oss_config(config_json: str | Path, *, num_layers: int | None = None, hidden_size: int | None = None,
                    num_experts: int | None = None, experts_per_token: int | None = None,
-                   num_heads: int | None = None, num_kv_heads: int | None = None, head_dim: int | None = None):
+                   num_heads: int | None = None, num_kv_heads: int | None = None, head_dim: int | None = None,
+                   initializer_range: float | None = None):
     """A GptOssConfig from the real config.json, with any of the size knobs reduced."""
     from transformers import GptOssConfig
 
@@ -38,6 +39,9 @@ def gpt_oss_config(config_json: str | Path, *, num_layers: int | None = None, hi
         raw["num_key_value_heads"] = num_kv_heads
     if head_dim is not None:
         raw["head_dim"] = head_dim
+    if initializer_range is not None:
+        # A narrow model with the real 0.02 init has logits so flat that no adapter can move the loss far.
+        raw["initializer_range"] = initializer_range
     raw.pop("transformers_version", None)
     return GptOssConfig(**raw)
 
