@@ -317,5 +317,86 @@ def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning
     sys.exit(0 if result.ok else 1)
 
 
+# --- estimate ------------------------------------------------------------------------------------------------------
+
+
+@main.command("estimate")
+@click.option("--profile", "profile_ref", default=None, metavar="NAME_OR_FILE",
+              help="Profile to estimate in detail (default: every shipped profile, one line each).")
+@click.option("--model", default=None, metavar="CONFIG_JSON|DIR",
+              help="A model's config.json or its folder (default: openai/gpt-oss-20b's shape, built in).")
+@click.option("--seq", type=click.IntRange(1), default=None, help="Tokens per row (same as --max-seq-length).")
+@click.option("--batch", type=click.IntRange(1), default=None, help="Rows per pass (same as --per-device-batch-size).")
+@click.option("--rank", type=click.IntRange(1), default=None, help="LoRA rank (same as --lora-rank).")
+@click.option("--stack", type=click.Choice(["unsloth", "hf"]), default="unsloth", show_default=True,
+              help="Training stack: unsloth (the default backend) or hf (transformers + PEFT + bitsandbytes).")
+@click.option("--gpu-gib", type=click.FloatRange(1), default=None, metavar="GIB",
+              help="Check against a card of this many GiB instead of the profile's vram_budget_gib.")
+@click.option("--plan", "plan_gib", type=click.FloatRange(1), default=None, metavar="GIB",
+              help="Tailor a profile to a card of this many GiB (longest rows, then largest batch that fit) and "
+                   "estimate it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@profile_options
+def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib, as_json, set_values, **flags):
+    """Predict peak GPU memory of training a profile, part by part, and whether it fits the card.
+
+    \b
+    Parts: base weights (4-bit NF4 or bf16), LoRA adapters, optimizer state + gradients, activations (the loss
+    head's logits or one recomputed layer, whichever is larger), fixed overhead; then the reserved memory the card
+    must hold, against the card minus headroom (16 GiB -> 14.5, 24 -> 22.5, 80 -> 76). The free coefficients are
+    fitted to measured runs (benchmarks/results.json). Exit status 1 when a single profile does not fit.
+    """
+    from swft_lite import estimate as est
+
+    flags.update({k: v for k, v in (("max_seq_length", seq), ("per_device_batch_size", batch),
+                                     ("lora_rank", rank)) if v is not None})
+    try:
+        shape = est.load_shape(model)
+    except ProfileError as exc:
+        fail(str(exc))
+    if plan_gib is not None:
+        try:
+            planned = est.plan_for_card(plan_gib, stack=stack, shape=shape)
+        except ProfileError as exc:
+            fail(str(exc))
+        overrides = {k: v for k, v in flags.items() if v is not None}
+        profiles = [dataclasses.replace(planned, **overrides)]
+        gpu_gib = plan_gib if gpu_gib is None else gpu_gib
+    elif profile_ref is not None:
+        profiles = [resolve_profile(profile_ref, set_values, flags)]
+    else:
+        profiles = [resolve_profile(name, set_values, flags) for name in profiles_mod.shipped_profile_names()]
+        profiles.sort(key=lambda p: (p.vram_budget_gib, p.name))
+    try:
+        results = [est.estimate(p, shape, stack=stack, card_gib=gpu_gib) for p in profiles]
+    except ProfileError as exc:
+        fail(str(exc))
+    single = len(profiles) == 1
+    if as_json:
+        if single:
+            click.echo(json.dumps({**results[0].to_dict(), "settings": profiles[0].to_dict()}, indent=2))
+        else:
+            click.echo(json.dumps({"estimates": [{**e.to_dict(), "settings": p.to_dict()}
+                                                 for e, p in zip(results, profiles)]}, indent=2))
+    elif single:
+        if plan_gib is not None:
+            click.echo(f"plan: {profiles[0].description}")
+        click.echo(est.format_estimate(results[0], profiles[0]))
+    else:
+        header = ("profile", "card", "rows x seq", "LoRA", "weights", "allocated", "reserved", "limit", "verdict")
+        table = [header]
+        for e, p in zip(results, profiles):
+            table.append((p.name, f"{e.budget_gib:g} GiB", f"{p.per_device_batch_size} x {p.max_seq_length}",
+                          f"r{p.lora_rank} {p.lora_targets}", "4-bit" if p.load_in_4bit else "bf16",
+                          f"{e.total_gib:.1f} GiB", f"{e.reserved_gib:.1f} GiB", f"{e.limit_gib:g} GiB",
+                          "fits" if e.fits else "does not fit"))
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        for i, r in enumerate(table):
+            line = "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+            click.echo(click.style(line, bold=True) if i == 0 else line)
+        click.echo(f"\n{stack} stack, model: {results[0].model}. `swft-lite estimate --profile NAME` for the parts.")
+    sys.exit(1 if single and not results[0].fits else 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
