@@ -348,8 +348,6 @@ def make_record(c: Config, res: dict, shape: est.ModelShape, args) -> dict:
         "gradient_checkpointing": ("true" if c.backend == "hf" and p.gradient_checkpointing == "unsloth"
                                    else p.gradient_checkpointing),
         "trainable_params": res.get("trainable_params"),
-        # swft-lite's hf backend runs prepare_model_for_kbit_training on 4-bit models (fp32 non-quantized weights)
-        "kbit_upcast": True if (c.backend == "hf" and p.load_in_4bit) else None,
         "mfu": None if not tps else round(6 * shape.active_params * tps / (args.peak_tflops * 1e12), 4),
         "profile": c.label, "max_seq_length": p.max_seq_length, "steps": res.get("global_step"),
         "status": res.get("status", "error"), "reason": res.get("reason") or res.get("error", "")[:300] or None,

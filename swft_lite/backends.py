@@ -143,11 +143,9 @@ def load_hf(model_path: str, profile: Profile, *, gradient_checkpointing: bool, 
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_path, token=token)
-    if profile.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+    # Not peft.prepare_model_for_kbit_training: it casts every weight bitsandbytes left unquantized to fp32, and on
+    # gpt-oss that is the fused experts, embeddings and lm_head - ~76 GiB, more than any single card.
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False

@@ -351,25 +351,21 @@ class _Terms:
     dtype_scale: float           # 1 for bf16 activations, 2 for fp32 (GPUs without bf16)
 
 
-def _weights_bytes(shape: ModelShape, four_bit: bool, stack: str, dtype_bytes: int,
-                   kbit_upcast: bool = True) -> float:
+def _weights_bytes(shape: ModelShape, four_bit: bool, stack: str, dtype_bytes: int) -> float:
     dense = shape.layers * shape.small_layer_params + shape.embedding_params
     if not four_bit:
         return (dense + shape.layers * (shape.attention_linear_params + shape.expert_params)) * dtype_bytes
     if stack == "unsloth":  # attention and the fused experts in NF4
         quant = shape.layers * (shape.attention_linear_params + shape.expert_params)
         return quant * NF4_BYTES_PER_PARAM + dense * dtype_bytes
-    # plain transformers + bnb: nn.Linear only (attention); experts are nn.Parameters and stay 16-bit - and
-    # swft-lite's hf backend then calls PEFT's prepare_model_for_kbit_training, which casts every parameter that is
-    # not Params4bit to fp32: the experts, embeddings and lm_head become 4 bytes each (~80 GiB for gpt-oss-20b).
-    # The plain-stack measurements of shared/gpu/README.md (38.1 GiB of weights) did not do that: kbit_upcast=False.
+    # plain transformers + bnb: nn.Linear only (attention); experts are nn.Parameters and stay 16-bit. (swft-lite's
+    # hf backend does not call PEFT's prepare_model_for_kbit_training, which would cast all of those to fp32.)
     quant = shape.layers * shape.attention_linear_params
-    rest = (dense + shape.layers * shape.expert_params) * (FP32 if kbit_upcast else dtype_bytes)
+    rest = (dense + shape.layers * shape.expert_params) * dtype_bytes
     return quant * NF4_BYTES_PER_PARAM + rest
 
 
-def _terms(profile: Profile, shape: ModelShape, stack: str, tokens: int, dtype_bytes: int = BF16,
-           kbit_upcast: bool = True) -> _Terms:
+def _terms(profile: Profile, shape: ModelShape, stack: str, tokens: int, dtype_bytes: int = BF16) -> _Terms:
     if stack not in STACKS:
         raise ProfileError(f"stack must be one of {', '.join(STACKS)}, got {stack!r}")
     if profile.optimizer not in OPTIMIZER_STATE_BYTES:
@@ -391,7 +387,7 @@ def _terms(profile: Profile, shape: ModelShape, stack: str, tokens: int, dtype_b
     else:  # plain recomputation (the hf stack always uses it when checkpointing is on): layer inputs stay on GPU
         resident, host = ckpt, 0.0
     return _Terms(
-        weights=_weights_bytes(shape, profile.load_in_4bit, stack, dtype_bytes, kbit_upcast), trainable=P,
+        weights=_weights_bytes(shape, profile.load_in_4bit, stack, dtype_bytes), trainable=P,
         state=P * OPTIMIZER_STATE_BYTES[profile.optimizer], grads=P * FP32,
         accumulating=profile.gradient_accumulation_steps > 1, logit_elems=float(tokens) * shape.vocab,
         act_elems=float(tokens) * shape.layer_activation_elems, workspace=workspace, resident=resident, host=host,
@@ -413,18 +409,15 @@ def _peak(t: _Terms, c: Coefficients) -> tuple[float, str, float, float]:
 
 def estimate(profile: Profile, shape: ModelShape | None = None, *, stack: str = "unsloth",
              card_gib: float | None = None, capability: tuple[int, int] | None = None,
-             coefficients: Coefficients | None = None, tokens: int | None = None,
-             kbit_upcast: bool = True) -> Estimate:
+             coefficients: Coefficients | None = None, tokens: int | None = None) -> Estimate:
     """Peak GPU memory of training `profile` on `shape` (default gpt-oss-20b), against `card_gib` (default: the
     profile's vram_budget_gib) minus headroom. `capability` below (8, 0) means no bf16: activations in fp32.
-    `tokens` overrides batch x max_seq_length (measured runs whose rows are shorter than the cap). `kbit_upcast`
-    (hf stack, 4-bit): PEFT's prepare_model_for_kbit_training casts the non-quantized weights to fp32, as swft-lite's
-    hf backend does; False for a plain stack that skips it."""
+    `tokens` overrides batch x max_seq_length (measured runs whose rows are shorter than the cap)."""
     shape = shape or DEFAULT_SHAPE
     c = coefficients or COEFFICIENTS[stack]
     dtype_bytes = FP32 if (capability is not None and tuple(capability) < (8, 0)) else BF16
     T = tokens if tokens is not None else profile.per_device_batch_size * profile.max_seq_length
-    t = _terms(profile, shape, stack, T, dtype_bytes, kbit_upcast)
+    t = _terms(profile, shape, stack, T, dtype_bytes)
     alloc, phase, transient, grads = _peak(t, c)
     reserved = alloc + c.reserved_frac * transient
     card = float(card_gib if card_gib is not None else profile.vram_budget_gib)
@@ -448,10 +441,8 @@ def estimate(profile: Profile, shape: ModelShape | None = None, *, stack: str = 
         notes.append("no bf16 on this GPU (compute capability < 8.0): activations and 16-bit weights counted in "
                      "fp32 - an untested extrapolation")
     if stack == "hf" and profile.load_in_4bit:
-        notes.append("hf stack: bitsandbytes quantizes nn.Linear only, the MoE experts stay 16-bit"
-                     + (" and prepare_model_for_kbit_training casts them (and embeddings, lm_head) to fp32"
-                        if kbit_upcast else ""))
-    dense_kind = "fp32" if (dtype_bytes == FP32 or (stack == "hf" and kbit_upcast)) else "bf16"
+        notes.append("hf stack: bitsandbytes quantizes nn.Linear only, the MoE experts stay 16-bit")
+    dense_kind = "fp32" if dtype_bytes == FP32 else "bf16"
     weights_note = f"NF4 + {dense_kind}" if profile.load_in_4bit else ("fp32" if dtype_bytes == FP32 else "bf16")
     return Estimate(
         profile=profile.name, stack=stack, model=shape.describe(), tokens=T, trainable=t.trainable,
@@ -489,8 +480,7 @@ def record_profile(r: dict) -> Profile:
 
 def record_estimate(r: dict, coefficients: Coefficients | None = None) -> Estimate:
     return estimate(record_profile(r), ModelShape.from_record(r["model"]), stack=r["stack"],
-                    coefficients=coefficients, tokens=int(r["batch"]) * int(r["seq"]), card_gib=80.0,
-                    kbit_upcast=bool(r.get("kbit_upcast", True)))
+                    coefficients=coefficients, tokens=int(r["batch"]) * int(r["seq"]), card_gib=80.0)
 
 
 def fit(records: Iterable[dict], stack: str = "unsloth") -> Coefficients:
@@ -504,8 +494,7 @@ def fit(records: Iterable[dict], stack: str = "unsloth") -> Coefficients:
     prepared = []
     for r in rows:
         shape = ModelShape.from_record(r["model"])
-        t = _terms(record_profile(r), shape, stack, int(r["batch"]) * int(r["seq"]),
-                   kbit_upcast=bool(r.get("kbit_upcast", True)))
+        t = _terms(record_profile(r), shape, stack, int(r["batch"]) * int(r["seq"]))
         prepared.append((t, float(r["peak_allocated_gib"]) * GIB))
     best = None
     for b in _GRID_LOGIT_BYTES:
