@@ -18,13 +18,19 @@ WORK=${SWFT_E2E_WORK:-/tmp/swft-e2e-work}
 SHARED_MODEL=${SWFT_SHARED_MODEL:-../shared/models/gpt-oss-20b}
 LLAMA_CPP=${SWFT_LLAMA_CPP:-}
 STEPS=${SWFT_E2E_STEPS:-30}
+PARTS=${SWFT_E2E_PARTS:-detect,build,train,raw,merge,gguf}   # a subset reuses what an earlier call left in $WORK
+MERGE_FLAG=--merge; [[ ",$PARTS," == *",merge,"* ]] || MERGE_FLAG=--no-merge
 mkdir -p "$OUT" "$WORK"
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
 swft() { python -m swft_lite.cli "$@"; }
 step() { echo; echo "=== $* ($(date +%T))"; }
 
+if want detect; then
 step detect
 swft detect 2>&1 | tee "$OUT/detect.txt"
+fi
 
+if want build; then
 step "build 2-layer real-width gpt-oss"
 python - "$SHARED_MODEL" "$WORK" <<'EOF'
 import sys, time, torch
@@ -40,25 +46,34 @@ ls -la "$WORK/m2" "$WORK/m2-sharded" | tee "$OUT/models.txt"
 
 step "synthetic rows of 2048 tokens"
 python scripts/make_synthetic_data.py --rows 96 --tokens 2048 --out "$WORK/rows-2048.jsonl" | tee "$OUT/data.json"
+fi
 
-step "swft-lite train (unsloth backend)"
+if want train; then
+step "swft-lite train (unsloth backend) $MERGE_FLAG"
 rm -rf "$WORK/runs/e2e"
 swft train --backend unsloth --profile rtx4090 --model "$WORK/m2" --data "$WORK/rows-2048.jsonl" \
   --max-seq-length 2048 --per-device-batch-size 2 --gradient-accumulation-steps 1 --max-steps "$STEPS" \
-  --save-steps 15 --output-root "$WORK/runs" --run-name e2e 2>&1 | tee "$OUT/train.log"
+  --save-steps 15 --output-root "$WORK/runs" --run-name e2e $MERGE_FLAG 2>&1 | tee "$OUT/train.log"
 cp "$WORK/runs/e2e/run.json" "$OUT/run.json" 2>/dev/null
+fi
 
+if want raw; then
 step "raw unsloth, same settings"
 python scripts/raw_unsloth.py --model "$WORK/m2" --data "$WORK/rows-2048.jsonl" --seq 2048 --batch 2 \
   --steps "$STEPS" --out "$OUT/raw_unsloth.json" > "$OUT/raw_unsloth.log" 2>&1; tail -n 3 "$OUT/raw_unsloth.log"
+fi
 
+if want merge; then
 step "merge into the sharded base"
 swft merge "$WORK/runs/e2e" --base "$WORK/m2-sharded" --out "$WORK/runs/e2e/merged-sharded" 2>&1 | tee "$OUT/merge_sharded.log"
+fi
 
+if want gguf; then
 for q in mxfp4 q8_0; do
   step "save-gguf $q"
   swft save-gguf "$WORK/runs/e2e" --quant "$q" ${LLAMA_CPP:+--llama-cpp "$LLAMA_CPP"} 2>&1 | tee "$OUT/gguf_$q.log"
 done
+fi
 ls -la "$WORK/runs/e2e" "$WORK/runs/e2e/gguf" 2>&1 | tee "$OUT/run_dir.txt"
 
 step summary
