@@ -194,7 +194,22 @@ class _StopRequest:
         return False
 
 
-def _callbacks(stop: _StopRequest, run_log: dict):
+class TokenCounter:
+    """Wraps the data collator to count the real (unpadded) tokens of every training batch. Trainers disagree on
+    what they log (TRL logs `num_tokens`, Unsloth's patched trainer does not), so tokens/s is counted here."""
+
+    def __init__(self, collator, is_training):
+        self.collator = collator
+        self.is_training = is_training
+        self.tokens = 0
+
+    def __call__(self, features):
+        if self.is_training():
+            self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.collator(features)
+
+
+def _callbacks(stop: _StopRequest, run_log: dict, counter: TokenCounter):
     """Progress bar with ETA, loss, tokens/s and peak memory; tokens/s and memory also go to TensorBoard."""
     import torch
     from tqdm.auto import tqdm
@@ -226,8 +241,8 @@ def _callbacks(stop: _StopRequest, run_log: dict):
             if logs is None:
                 return
             now = time.perf_counter()
-            tokens = logs.get("num_tokens")
-            if tokens is not None and "loss" in logs:
+            tokens = counter.tokens
+            if "loss" in logs:
                 if tokens >= self.last_tokens and now > self.last_time:
                     if self.last_tokens:  # the first interval includes compilation / warm-up
                         logs["tokens_per_second"] = (tokens - self.last_tokens) / (now - self.last_time)
@@ -425,8 +440,10 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
         trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                              processing_class=tokenizer, callbacks=[TensorBoardCallback(tb_writer=tb_writer)])
         trainer.remove_callback(PrinterCallback)
+        counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training)
+        trainer.data_collator = counter
         # First in line, so tokens/s and memory it adds to the logs reach TensorBoard too.
-        trainer.callback_handler.callbacks.insert(0, _callbacks(stop, run_log))
+        trainer.callback_handler.callbacks.insert(0, _callbacks(stop, run_log, counter))
         if options.early_stopping_patience and args.load_best_model_at_end:
             trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
         elif options.early_stopping_patience:
