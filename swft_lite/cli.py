@@ -260,8 +260,9 @@ def detect_cmd(output_dir, as_json):
     except ProfileError as exc:
         fail(str(exc))
     profile, reason = hardware.recommend_profile(report.gpu.gpus, profiles)
+    tailored = hardware.tailored_plan(report.gpu.gpus[0], profile) if report.gpu.gpus else None
     render = hardware.to_json if as_json else hardware.format_report
-    click.echo(render(report, profile, reason))
+    click.echo(render(report, profile, reason, tailored))
 
 
 # --- data ----------------------------------------------------------------------------------------------------------

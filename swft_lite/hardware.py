@@ -594,10 +594,47 @@ def recommend_profile(gpus: list[GpuInfo], profiles: list) -> tuple[Any | None, 
     return choice, reason
 
 
+# Cards with this much more memory than their profile's budget get a plan tailored to them (a 20 GB card should not
+# train with the 16 GB settings); closer to the budget, the profile itself is the plan.
+TAILOR_MARGIN_GIB = 2.0
+# Plans stay within row lengths the estimator was calibrated near; longer rows are an extrapolation.
+TAILOR_MAX_SEQ = 16384
+
+
+def tailored_plan(gpu: GpuInfo, profile) -> dict | None:
+    """Settings for a card well above its profile's budget, from `swft-lite estimate`'s memory model; None when the
+    profile already fits the card or the estimator finds nothing better."""
+    if profile is None or gpu.total_gib < profile.vram_budget_gib + TAILOR_MARGIN_GIB:
+        return None
+    from swft_lite.estimate import estimate, plan_for_card
+    from swft_lite.profiles import ProfileError
+
+    try:
+        plan = plan_for_card(gpu.total_gib, gpu.compute_capability, max_seq=TAILOR_MAX_SEQ)
+    except ProfileError:
+        return None
+    changes = {k: getattr(plan, k) for k in ("max_seq_length", "per_device_batch_size", "gradient_accumulation_steps",
+                                             "load_in_4bit", "lora_targets")
+               if getattr(plan, k) != getattr(profile, k)}
+    if not changes or plan.tokens_per_step <= profile.tokens_per_step:
+        return None
+    flags = []
+    for key, value in changes.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    e = estimate(plan, card_gib=gpu.total_gib, capability=gpu.compute_capability)
+    return {"base_profile": profile.name, "changes": changes, "flags": flags,
+            "estimated_reserved_gib": round(e.reserved_gib, 1), "limit_gib": round(e.limit_gib, 1),
+            "command": f"swft-lite train --profile {profile.name} {' '.join(flags)} --data train.jsonl"}
+
+
 # --- output --------------------------------------------------------------------------------------------------------
 
 
-def to_json(report: DetectReport, profile, reason: str) -> str:
+def to_json(report: DetectReport, profile, reason: str, tailored: dict | None = None) -> str:
     g = report.gpu
     doc = {
         "gpus": [x.to_dict() for x in g.gpus],
@@ -614,6 +651,7 @@ def to_json(report: DetectReport, profile, reason: str) -> str:
         "packages": {p.name: p.to_dict() for p in report.packages},
         "recommended_profile": None if profile is None else profile.name,
         "reason": reason,
+        "tailored": tailored,
         "notes": g.notes,
     }
     return json.dumps(doc, indent=2)
@@ -628,7 +666,7 @@ def _mark(ok: bool | None) -> str:
     return {True: "✓", False: "✗", None: "–"}[ok]
 
 
-def format_report(report: DetectReport, profile, reason: str) -> str:
+def format_report(report: DetectReport, profile, reason: str, tailored: dict | None = None) -> str:
     g = report.gpu
     out: list[str] = ["GPU"]
     if not g.gpus:
@@ -683,6 +721,10 @@ def format_report(report: DetectReport, profile, reason: str) -> str:
     if profile is not None:
         out.append(f"  Recommended profile: {profile.name} — {reason}")
         out.append(f"  Next: swft-lite train --profile {profile.name} --data train.jsonl")
+        if tailored:
+            out.append(f"  This card has room beyond {profile.name}'s {profile.vram_budget_gib:g} GiB: estimated "
+                       f"{tailored['estimated_reserved_gib']:g} GiB of its {tailored['limit_gib']:g} GiB limit with")
+            out.append(f"    {tailored['command']}")
     else:
         out.append(f"  {reason}")
     return "\n".join(out)

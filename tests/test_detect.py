@@ -513,3 +513,33 @@ def test_detect_reads_versions_without_importing_unsloth_or_torch(tmp_path):
     expected = [] if torch_version.endswith("+cpu") else ["torch"]  # a CUDA torch is the first GPU source
     assert [m for m in got["imported"] if m != "torch"] == [] and \
         ("torch" in got["imported"]) == bool(expected), got["imported"]
+
+
+# --- cards with room beyond their profile ---------------------------------------------------------------------------
+
+
+def test_a_card_well_above_its_profile_gets_a_tailored_plan(machine):
+    machine("2x_h200")
+    out = detect()
+    assert "This card has room beyond h100's 80 GiB" in out
+    doc = detect_json()
+    t = doc["tailored"]
+    assert t["base_profile"] == "h100" and t["estimated_reserved_gib"] <= t["limit_gib"]
+    assert t["changes"]["max_seq_length"] > 8192 or t["changes"].get("per_device_batch_size", 2) > 2
+    assert t["command"].startswith("swft-lite train --profile h100 --")
+
+
+def test_tailored_plan_only_between_profiles():
+    from swft_lite.hardware import GpuInfo, tailored_plan
+    from swft_lite.profiles import load_profile
+
+    def gpu(gib):
+        return GpuInfo(index=0, name="card", total_gib=gib, free_gib=gib, compute_capability=(8, 9))
+
+    # a 24 GB card is what rtx4090 was made for: no second plan beside it
+    assert tailored_plan(gpu(23.99), load_profile("rtx4090")) is None
+    # a 20 GB card (RTX 4000 Ada, A4500) would otherwise train with the 16 GB settings
+    plan = tailored_plan(gpu(19.99), load_profile("rtx4070"))
+    assert plan is not None and plan["changes"]["max_seq_length"] > 2048
+    assert plan["estimated_reserved_gib"] <= plan["limit_gib"] < 19.99
+    assert "--max-seq-length" in plan["flags"]
