@@ -167,6 +167,20 @@ def oom_advice(profile: Profile) -> str:
             ". `swft-lite detect` names the profile that fits your card.")
 
 
+def verification_device(model_path: str) -> str:
+    """The merge check runs base + adapter and then the merged model (one at a time) in bf16: on the GPU when the
+    whole model fits in its free memory with room to spare, else on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    from swft_lite.merge import estimate_output_bytes, resolve_model_dir
+
+    need = estimate_output_bytes(resolve_model_dir(model_path))
+    free, _ = torch.cuda.mem_get_info()
+    return "cuda" if free > 1.25 * need else "cpu"
+
+
 class _StopRequest:
     """Ctrl-C once: finish the current step, save a checkpoint, stop. Ctrl-C twice: stop at once."""
 
@@ -501,7 +515,8 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
             torch.cuda.empty_cache()
         from swft_lite.merge import merge_adapter
 
-        merge_report = merge_adapter(adapter_dir, base=model_path, out_dir=run_dir / "merged", echo=echo)
+        merge_report = merge_adapter(adapter_dir, base=model_path, out_dir=run_dir / "merged", echo=echo,
+                                     device=verification_device(model_path))
         record["merge"] = merge_report
     record.update(status="finished", finished=datetime.now(timezone.utc).isoformat())
     write_run_json(run_dir, record)
