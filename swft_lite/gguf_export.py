@@ -1,0 +1,692 @@
+"""Merged gpt-oss -> GGUF (llama.cpp, Ollama), checked against the merged model before it is called done.
+
+Conversion is llama.cpp's own `convert_hf_to_gguf.py`, run as a subprocess; quantization is the `llama-quantize`
+binary when one is found, else the same code through llama-cpp-python's `llama_model_quantize`. Every file is then
+read back (gguf.GGUFReader: architecture, tensor count, vocabulary, chat template, special token ids, tensor types)
+and run with llama-cpp-python on the probe tokens against the merged model in transformers (fp32): see
+`GGUF_THRESHOLDS`. A file that fails is renamed to `<file>.failed`; the GGUF is written as `<file>.partial` and gets
+its name only after passing.
+
+Where llama.cpp's converter comes from (first found wins):
+  --llama-cpp DIR, $SWFT_LLAMA_CPP, $UNSLOTH_LLAMA_CPP_PATH, ~/.unsloth/llama.cpp, and the copy that
+  `swft-lite save-gguf --fetch-converter` puts in ~/.cache/swft-lite (llama.cpp's converter as shipped inside the
+  llama-cpp-python source package on PyPI: vendor/llama.cpp/convert_hf_to_gguf.py + gguf-py). Nothing is cloned.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from swft_lite.merge import MergeError, compare_logits, load_tokenizer, probe_token_ids
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # whose vendored llama.cpp we fetch when none is installed
+CACHE_DIR = Path(os.environ.get("SWFT_CACHE", Path.home() / ".cache" / "swft-lite"))
+
+# quant name -> (convert_hf_to_gguf --outtype, llama.cpp LLAMA_FTYPE_MOSTLY_* to quantize to, or None, check family)
+QUANTS: dict[str, tuple[str, str | None, str]] = {
+    "f32": ("f32", None, "exact"),
+    "f16": ("f16", None, "exact"),
+    "bf16": ("bf16", None, "exact"),
+    "q8_0": ("q8_0", None, "q8"),
+    "mxfp4": ("bf16", "MXFP4_MOE", "low"),
+    "q6_k": ("bf16", "Q6_K", "low"),
+    "q5_k_m": ("bf16", "Q5_K_M", "low"),
+    "q5_k_s": ("bf16", "Q5_K_S", "low"),
+    "q5_0": ("bf16", "Q5_0", "low"),
+    "q5_1": ("bf16", "Q5_1", "low"),
+    "q4_k_m": ("bf16", "Q4_K_M", "low"),
+    "q4_k_s": ("bf16", "Q4_K_S", "low"),
+    "q4_0": ("bf16", "Q4_0", "low"),
+    "q4_1": ("bf16", "Q4_1", "low"),
+    "iq4_nl": ("bf16", "IQ4_NL", "low"),
+    "iq4_xs": ("bf16", "IQ4_XS", "low"),
+    "q3_k_m": ("bf16", "Q3_K_M", "low"),
+    "q3_k_l": ("bf16", "Q3_K_L", "low"),
+    "q3_k_s": ("bf16", "Q3_K_S", "low"),
+    "q2_k": ("bf16", "Q2_K", "low"),
+}
+DEFAULT_QUANT = "mxfp4"
+
+# GGUF vs the merged model (transformers, fp32) on the probe tokens. Measured on the tiny test models (2 layers,
+# width 64, 4 experts, 425 probe tokens; "flat" = the random model as built, logit RMS 0.16; "sharp" = its lm_head
+# x10, logit RMS 1.6, peaked like a trained model's):
+#                 max |dlogit|   mean cosine   10th-pct cosine   worst cosine   top-1
+#   f16  flat     4.4e-4         1.0           1.0               1.0            1.0
+#   f16  sharp    8.8e-3         1.0           1.0               1.0            1.0
+#   bf16 flat     3.3e-3         0.99999       -                 0.99999        1.0
+#   bf16 sharp    2.5e-2         0.999999      0.999998          0.999996       0.995 (near-ties)
+#   q8_0 flat     0.42           0.9979        -                 0.86           0.975
+#   q8_0 sharp    3.2            0.99948       0.99992           0.90           0.976
+#   mxfp4 flat    0.40           0.9928        -                 0.84           0.87
+#   mxfp4 sharp   4.8            0.9918        0.9933            0.84           0.78
+# The lossless kinds (f32/f16/bf16: the weights are exact or f16-rounded) must match everywhere within a bound that
+# scales with the logits' RMS; bf16 gets 4x f16's bound because llama.cpp also rounds the activations to bf16 in its
+# bf16 matmuls (f16: 10 mantissa bits, bf16: 7). A top-1 flip is forgiven only within twice that bound.
+# In every quantized file a few single positions fall far: a router near-tie where the rounded weights pick another
+# expert (an MoE's routing is discontinuous). So quantized files are judged on the mean cosine and on the
+# 10th-percentile cosine, not on the worst position. An export that lost the adapter (the base model's GGUF checked
+# against the merged model) scores mean cosine ~0.7-0.8 on the sharp test model, far below these limits.
+GGUF_THRESHOLDS = {
+    "exact": {"max_abs_logit_diff": {"f32": 1e-2, "f16": 1e-2, "bf16": 4e-2},  # x max(1, RMS of ref logits)
+              "top1_agreement_min": 1.0},
+    "q8": {"cos_mean_min": 0.99, "cos_p10_min": 0.98},
+    "low": {"cos_mean_min": 0.95, "cos_p10_min": 0.90},
+}
+GPT_OSS_TENSORS_PER_LAYER = 19   # attn_norm, attn_{q,k,v,output}.{weight,bias}, attn_sinks, post_attention_norm,
+GPT_OSS_GLOBAL_TENSORS = 3       # ffn_gate_inp.{weight,bias}, ffn_{gate,up,down}_exps.{weight,bias}; token_embd,
+#                                  output_norm, output
+GENERATE_TOKENS = 8
+
+
+class GGUFError(MergeError):
+    pass
+
+
+class GGUFVerificationError(GGUFError):
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+# --- finding llama.cpp -----------------------------------------------------------------------------------------------
+
+
+def _converter_in(d: Path) -> Path | None:
+    d = d.expanduser()
+    for cand in (d, d / "vendor" / "llama.cpp"):
+        if (cand / "convert_hf_to_gguf.py").exists():
+            return cand.resolve()
+    return None
+
+
+def fetched_converter_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    return CACHE_DIR / f"llama-cpp-python-{version}" / "vendor" / "llama.cpp"
+
+
+def converter_candidates(llama_cpp: str | Path | None = None) -> list[tuple[str, Path]]:
+    cands = []
+    if llama_cpp:
+        cands.append(("--llama-cpp", Path(llama_cpp)))
+    for env in ("SWFT_LLAMA_CPP", "UNSLOTH_LLAMA_CPP_PATH"):
+        if os.environ.get(env):
+            cands.append((f"${env}", Path(os.environ[env])))
+    cands.append(("~/.unsloth/llama.cpp", Path.home() / ".unsloth" / "llama.cpp"))
+    cands.append(("swft-lite save-gguf --fetch-converter", fetched_converter_dir()))
+    return cands
+
+
+def find_converter(llama_cpp: str | Path | None = None) -> Path:
+    """The llama.cpp folder holding convert_hf_to_gguf.py, or a GGUFError that lists every way to provide one."""
+    tried = []
+    for how, path in converter_candidates(llama_cpp):
+        found = _converter_in(path)
+        if found:
+            return found
+        tried.append(f"{how}: {path}")
+        if how == "--llama-cpp":
+            raise GGUFError(f"--llama-cpp {path} holds no convert_hf_to_gguf.py (nor vendor/llama.cpp/...)")
+    raise GGUFError(
+        "llama.cpp's convert_hf_to_gguf.py was not found. Looked in:\n  " + "\n  ".join(tried) + "\n"
+        "Any one of these works:\n"
+        "  swft-lite save-gguf --fetch-converter     downloads the llama-cpp-python source package from PyPI "
+        f"(pip download llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} --no-binary :all:) and keeps its "
+        f"vendor/llama.cpp converter in {fetched_converter_dir().parent.parent}\n"
+        "  --llama-cpp DIR                          a llama.cpp checkout (git clone https://github.com/ggml-org/"
+        "llama.cpp), or an extracted llama-cpp-python sdist\n"
+        "  SWFT_LLAMA_CPP=DIR or UNSLOTH_LLAMA_CPP_PATH=DIR, or a checkout at ~/.unsloth/llama.cpp\n"
+        "The converter also needs `pip install gguf` (swft-lite[gguf]).")
+
+
+def fetch_converter(version: str = LLAMA_CPP_PYTHON_VERSION, log: Callable[[str], None] = print) -> Path:
+    """Download llama-cpp-python's source package with pip (PyPI) and keep only llama.cpp's converter scripts."""
+    dest = fetched_converter_dir(version)
+    if _converter_in(dest):
+        return dest
+    dest.parent.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent.parent.parent) as tmp:
+        log(f"Downloading llama-cpp-python=={version} (source package, ~75 MB) from PyPI ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "-d", tmp, f"llama-cpp-python=={version}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if r.returncode != 0 or not sdists:
+            raise GGUFError(f"pip download of llama-cpp-python=={version} failed (exit {r.returncode}):\n"
+                            f"{(r.stderr or r.stdout)[-2000:]}")
+        top = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        with tarfile.open(sdists[0]) as tf:
+            members = [m for m in tf.getmembers() if m.name.startswith(top)
+                       and m.name[len(top):].startswith(keep) and (m.isfile() or m.isdir())]
+            if not any(m.name.endswith("convert_hf_to_gguf.py") for m in members):
+                raise GGUFError(f"{sdists[0].name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+            stage = Path(tmp) / "x"
+            tf.extractall(stage, members=members, filter="data")
+        final_root = dest.parent.parent  # .../llama-cpp-python-<v>
+        if final_root.exists():
+            shutil.rmtree(final_root)
+        os.replace(stage / f"llama_cpp_python-{version}", final_root)
+    log(f"llama.cpp converter ready in {dest}")
+    return dest
+
+
+def find_quantize_binary(converter_dir: Path | None) -> Path | None:
+    names = ["llama-quantize", "llama-quantize.exe"]
+    if converter_dir:
+        for sub in ("build/bin", "build/bin/Release", "bin", "."):
+            for n in names:
+                p = converter_dir / sub / n
+                if p.is_file() and os.access(p, os.X_OK):
+                    return p
+    for n in names:
+        w = shutil.which(n)
+        if w:
+            return Path(w)
+    return None
+
+
+# --- steps ---------------------------------------------------------------------------------------------------------
+
+
+def _run_logged(cmd: list[str], log_file: Path, what: str, env: dict | None = None) -> str:
+    with open(log_file, "a") as lf:
+        lf.write(f"$ {' '.join(cmd)}\n")
+        lf.flush()
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        lf.write(r.stdout)
+    if r.returncode != 0:
+        raise GGUFError(f"{what} failed (exit {r.returncode}); the last lines of its output ({log_file}):\n"
+                        + "\n".join(r.stdout.splitlines()[-25:]))
+    return r.stdout
+
+
+def convert_hf_to_gguf(model_dir: Path, out_file: Path, outtype: str, converter_dir: Path, log_file: Path) -> None:
+    """llama.cpp's converter as a subprocess (argument list, this Python)."""
+    cmd = [sys.executable, str(converter_dir / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file),
+           "--outtype", outtype]
+    _run_logged(cmd, log_file, "convert_hf_to_gguf.py")
+
+
+_QUANTIZE_SNIPPET = """
+import ctypes, sys
+import llama_cpp
+src, dst, name = sys.argv[1:4]
+ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + name, None)
+if ftype is None:
+    sys.exit(f"this llama-cpp-python ({llama_cpp.__version__}) has no LLAMA_FTYPE_MOSTLY_{name}")
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = ftype
+rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+sys.exit(rc)
+"""
+
+
+def quantize_gguf(src: Path, dst: Path, ftype_name: str, converter_dir: Path | None, log_file: Path) -> dict:
+    """llama-quantize if found, else llama-cpp-python's llama_model_quantize (in a subprocess, so llama.cpp's own
+    printing goes to the log). Returns {"tool", "fallbacks": [lines where a tensor fell back to another type]}."""
+    binary = find_quantize_binary(converter_dir)
+    if binary:
+        out = _run_logged([str(binary), str(src), str(dst), ftype_name], log_file, "llama-quantize")
+        tool = str(binary)
+    else:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise GGUFError("quantizing needs llama.cpp's llama-quantize on PATH (or in --llama-cpp DIR/build/bin) "
+                            "or llama-cpp-python (pip install 'swft-lite[gguf]')") from None
+        out = _run_logged([sys.executable, "-c", _QUANTIZE_SNIPPET, str(src), str(dst), ftype_name], log_file,
+                          "llama_model_quantize")
+        tool = "llama_cpp.llama_model_quantize"
+    fallbacks = [ln.strip() for ln in out.splitlines() if "falling back" in ln]
+    return {"tool": tool, "fallbacks": fallbacks}
+
+
+# --- reading back --------------------------------------------------------------------------------------------------
+
+
+def _field(reader, key):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:  # noqa: BLE001 - older gguf without contents()
+        return f.parts[f.data[0]].tolist()
+
+
+class _PlainMemmapNumpy:
+    """numpy, except that memmap() returns a plain ndarray view of the map. GGUFReader slices its map once per
+    vocabulary string (~650k times for gpt-oss's 201k tokens + 446k merges), and each slice of an np.memmap runs
+    memmap bookkeeping in Python; on a plain view the same read is ~2.5x faster (15-25 s -> 6-10 s here)."""
+
+    def __getattr__(self, name):
+        import numpy
+
+        return getattr(numpy, name)
+
+    @staticmethod
+    def memmap(path, mode="r", *args, **kwargs):
+        import numpy
+
+        return numpy.memmap(path, mode=mode, *args, **kwargs).view(numpy.ndarray)
+
+
+def read_gguf(path: Path):
+    """gguf.GGUFReader on `path` (read-only), with the faster plain-view map when that works."""
+    import gguf
+    import gguf.gguf_reader as gr
+
+    saved = gr.np
+    try:
+        gr.np = _PlainMemmapNumpy()
+        return gguf.GGUFReader(str(path))
+    except Exception:  # noqa: BLE001 - a gguf release that needs the real memmap: read it the normal way
+        gr.np = saved
+        return gguf.GGUFReader(str(path))
+    finally:
+        gr.np = saved
+
+
+def read_gguf_header(path: Path) -> dict:
+    """What the checks need from a GGUF, read with gguf.GGUFReader; cached per file version within the process
+    (reading gpt-oss's 201k-token vocabulary takes several seconds)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return dict(_header_cached(str(path), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _header_cached(path: str, _size: int, _mtime: int) -> dict:
+    reader = read_gguf(Path(path))
+    arch = _field(reader, "general.architecture")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    types: dict[str, int] = {}
+    expert_types = set()
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        if re.search(r"ffn_(gate|up|down)_exps\.weight$", t.name):
+            expert_types.add(t.tensor_type.name)
+    return {"architecture": arch, "block_count": _field(reader, f"{arch}.block_count"),
+            "tensor_count": len(reader.tensors), "vocab_size": len(tokens.data) if tokens is not None else 0,
+            "chat_template": _field(reader, "tokenizer.chat_template"),
+            "bos": _field(reader, "tokenizer.ggml.bos_token_id"), "eos": _field(reader, "tokenizer.ggml.eos_token_id"),
+            "pad": _field(reader, "tokenizer.ggml.padding_token_id"), "tensor_types": types,
+            "expert_types": sorted(expert_types), "file_type": _field(reader, "general.file_type")}
+
+
+def inspect_gguf(path: Path, model_dir: Path) -> dict:
+    """Read the GGUF back and compare its header with the merged model's config and tokenizer.
+    Returns {"ok", "problems": [str], "architecture", "block_count", "tensor_count", "expected_tensor_count",
+    "vocab_size", "chat_template": bool, "special_ids": {"bos"/"eos"/"pad": {"gguf", "tokenizer"}},
+    "tensor_types": {type: count}, "expert_types": [...], "file_type"}."""
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tok = load_tokenizer(model_dir)
+    h = read_gguf_header(path)
+    problems = []
+    arch = h["architecture"]
+    if arch != "gpt-oss":
+        problems.append(f"architecture is {arch!r}, expected 'gpt-oss'")
+    n_layers = cfg["num_hidden_layers"]
+    if h["block_count"] != n_layers:
+        problems.append(f"block_count {h['block_count']} != the model's {n_layers} layers")
+    expected = GPT_OSS_TENSORS_PER_LAYER * n_layers + GPT_OSS_GLOBAL_TENSORS
+    if h["tensor_count"] != expected:
+        problems.append(f"{h['tensor_count']} tensors, expected {expected} ({GPT_OSS_TENSORS_PER_LAYER} per layer "
+                        f"x {n_layers} + {GPT_OSS_GLOBAL_TENSORS})")
+    if h["vocab_size"] != cfg["vocab_size"]:
+        problems.append(f"vocabulary has {h['vocab_size']} tokens, the model {cfg['vocab_size']}")
+    template = h["chat_template"]
+    if not template or "<|start|>" not in template:
+        problems.append("no harmony chat template (tokenizer.chat_template) in the file")
+    special = {}
+    for what in ("bos", "eos", "pad"):
+        want = getattr(tok, f"{what}_token_id")
+        special[what] = {"gguf": h[what], "tokenizer": want}
+        if want is not None and h[what] != want:
+            problems.append(f"{what} token id {h[what]} in the GGUF, {want} in the tokenizer")
+    return {"ok": not problems, "problems": problems, "architecture": arch, "block_count": h["block_count"],
+            "tensor_count": h["tensor_count"], "expected_tensor_count": expected, "vocab_size": h["vocab_size"],
+            "chat_template": bool(template), "special_ids": special, "tensor_types": dict(h["tensor_types"]),
+            "expert_types": list(h["expert_types"]), "file_type": h["file_type"]}
+
+
+# --- running it ----------------------------------------------------------------------------------------------------
+
+
+def reference_logits(model_dir: Path, probes: list[list[int]], gen_prompt: list[int] | None = None,
+                     n_gen: int = GENERATE_TOKENS):
+    """The merged model (transformers, fp32, CPU) on the probes: (logits per probe, greedy continuation of
+    gen_prompt, the logits at each greedy step). Cached per folder and probe set within the process."""
+    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in Path(model_dir).glob("*.safetensors")))
+    key = (tuple(map(tuple, probes)), tuple(gen_prompt or ()), n_gen)
+    return _reference_cached(str(Path(model_dir).resolve()), stamp, key)
+
+
+@functools.lru_cache(maxsize=2)
+def _reference_cached(model_dir: str, _stamp, key):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    probes, gen_prompt, n_gen = key
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    logits, greedy, step_logits = [], [], []
+    with torch.no_grad():
+        for ids in probes:
+            logits.append(model(input_ids=torch.tensor([ids])).logits[0].float())
+        if gen_prompt:
+            out = model(input_ids=torch.tensor([list(gen_prompt)]), use_cache=True)
+            for _ in range(n_gen):
+                last = out.logits[0, -1].float()
+                tok = int(last.argmax())
+                step_logits.append(last)
+                greedy.append(tok)
+                out = model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+    del model
+    return logits, greedy, step_logits
+
+
+def _llama(path: Path, n_ctx: int):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
+                 verbose=False, seed=0)
+
+
+def run_gguf(path: Path, probes: list[list[int]], gen_prompt: list[int], n_gen: int = GENERATE_TOKENS,
+             eog_ids: tuple[int, ...] = ()):
+    """llama-cpp-python: logits on every probe position, and a greedy continuation of gen_prompt."""
+    import numpy as np
+    import torch
+    import llama_cpp
+
+    n_ctx = 64 * ((max(max(map(len, probes)), len(gen_prompt) + n_gen) + 64) // 64)
+    llm = _llama(path, n_ctx)
+    try:
+        logits = []
+        for ids in probes:
+            llm.reset()
+            llm.eval(ids)
+            logits.append(torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32)))
+        llm.reset()
+        generated = []
+        for tok in llm.generate(gen_prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+            generated.append(int(tok))
+            if len(generated) >= n_gen:
+                break
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        eog = {i: bool(llama_cpp.llama_vocab_is_eog(vocab, i)) for i in eog_ids}
+    finally:
+        llm.close()
+    return logits, generated, eog
+
+
+def verify_gguf(path: str | Path, model_dir: str | Path, quant: str, *, probes: list[list[int]] | None = None,
+                thresholds: dict | None = None) -> dict:
+    """Read the GGUF back and run it against the merged model (transformers fp32) on the probe tokens.
+
+    Returns {"passed", "failures": [str], "quant", "family", "thresholds", "header": inspect_gguf(...),
+             "max_abs_logit_diff", "mean_abs_logit_diff", "kl_mean", "kl_max", "top1_agreement",
+             "top1_agreement_tol", "cos_mean", "cos_min", "cos_p10", "ref_logit_rms",
+             "generated": [ids], "generated_text", "greedy_reference": the merged model's greedy ids,
+             "greedy_diverges_at": index or None, "greedy_regret": how much lower the merged model rates llama.cpp's
+             token there, "greedy_match": bool (same tokens, a near-tie forgiven), "eog": {id: bool}}."""
+    import torch
+
+    path, model_dir = Path(path), Path(model_dir)
+    family = QUANTS[quant][2]
+    th = dict(GGUF_THRESHOLDS[family], **(thresholds or {}))
+    header = inspect_gguf(path, model_dir)
+    failures = list(header["problems"])
+    expert_want = {"mxfp4": "MXFP4", "q8_0": "Q8_0", "f16": "F16", "bf16": "BF16", "f32": "F32"}.get(quant)
+    if expert_want and header["expert_types"] != [expert_want]:
+        failures.append(f"expert tensors are {header['expert_types']}, expected {expert_want} for --quant {quant}")
+
+    probes = probes if probes is not None else probe_token_ids(model_dir)
+    gen_prompt = probes[1]  # ends with "<|start|>assistant": the model answers
+    ref, hf_greedy, hf_steps = reference_logits(model_dir, probes, gen_prompt)
+    tok = load_tokenizer(model_dir)
+    stop_ids = tuple(i for i in (tok.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>"))
+                     if isinstance(i, int) and i >= 0)
+    logits, generated, eog = run_gguf(path, probes, gen_prompt, eog_ids=stop_ids)
+    rms = float(torch.cat([r.flatten() for r in ref]).pow(2).mean().sqrt())
+    limit = None
+    if family == "exact":
+        per = th["max_abs_logit_diff"]
+        limit = (per[quant] if isinstance(per, dict) else per) * max(1.0, rms)
+        th["top1_tolerance"] = 2 * limit
+    cmp = compare_logits(ref, logits, th.get("top1_tolerance", 0.0))
+    coss = torch.cat([(a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)) for a, b in zip(ref, logits)])
+    cmp["cos_p10"] = float(torch.quantile(coss, 0.10))
+    cmp["ref_logit_rms"] = rms
+    cmp["max_abs_logit_diff_limit"] = limit
+
+    # greedy continuation: llama.cpp's greedy tokens vs the merged model's. At the first difference the prefixes are
+    # equal, so the merged model's logits there tell whether it was a near-tie (forgiven for the lossless kinds).
+    diverge = next((i for i, (a, b) in enumerate(zip(generated, hf_greedy)) if a != b), None)
+    greedy_ok, regret = True, 0.0
+    if diverge is not None:
+        step = hf_steps[diverge]
+        regret = float(step[hf_greedy[diverge]] - step[generated[diverge]])
+        greedy_ok = regret <= th.get("top1_tolerance", 0.0)
+    cmp.update({"greedy_reference": hf_greedy, "greedy_diverges_at": diverge, "greedy_regret": regret})
+
+    if family == "exact":
+        if not cmp["max_abs_logit_diff"] <= limit:
+            failures.append(f"max |dlogit| {cmp['max_abs_logit_diff']:.3g} > {limit:.3g}")
+        if not cmp["top1_agreement_tol"] >= th["top1_agreement_min"]:
+            failures.append(f"top-1 agreement {cmp['top1_agreement_tol']:.4f} < {th['top1_agreement_min']:g}")
+        if not greedy_ok:
+            failures.append("greedy generation differs from the merged model's")
+    else:
+        if not cmp["cos_mean"] >= th["cos_mean_min"]:
+            failures.append(f"mean logit cosine {cmp['cos_mean']:.4f} < {th['cos_mean_min']:g}")
+        if not cmp["cos_p10"] >= th["cos_p10_min"]:
+            failures.append(f"10th-percentile logit cosine {cmp['cos_p10']:.4f} < {th['cos_p10_min']:g}")
+    if len(generated) < GENERATE_TOKENS and not (generated and eog.get(generated[-1])):
+        failures.append(f"generated only {len(generated)} tokens")
+    for tid in stop_ids:
+        if not eog.get(tid):
+            failures.append(f"llama.cpp does not treat {tok.convert_ids_to_tokens(tid)} ({tid}) as end-of-generation")
+    report = dict(cmp)
+    report.update({"passed": not failures, "failures": failures, "quant": quant, "family": family,
+                   "thresholds": th, "header": header, "generated": generated,
+                   "generated_text": tok.decode(generated), "greedy_match": greedy_ok, "eog": eog,
+                   "probe_tokens": sum(map(len, probes))})
+    return report
+
+
+def format_gguf_verification(v: dict) -> str:
+    h = v["header"]
+    lines = [
+        f"  header: arch {h['architecture']}, {h['block_count']} blocks, {h['tensor_count']} tensors "
+        f"(expected {h['expected_tensor_count']}), vocab {h['vocab_size']}, chat template "
+        f"{'yes' if h['chat_template'] else 'NO'}, experts {','.join(h['expert_types'])}, "
+        f"bos/eos/pad {h['special_ids']['bos']['gguf']}/{h['special_ids']['eos']['gguf']}/"
+        f"{h['special_ids']['pad']['gguf']}",
+        f"  vs merged model on {v['probe_tokens']} probe tokens: max |dlogit| {v['max_abs_logit_diff']:.2e}, "
+        f"mean {v['mean_abs_logit_diff']:.2e}, cosine mean {v['cos_mean']:.5f} p10 {v['cos_p10']:.5f} min "
+        f"{v['cos_min']:.4f}, top-1 {v['top1_agreement']:.4f}, KL mean {v['kl_mean']:.2e}",
+        f"  generated {len(v['generated'])} tokens: {v['generated_text']!r} (greedy match: {v['greedy_match']})",
+        "  " + ("PASSED" if v["passed"] else "FAILED: " + "; ".join(v["failures"])),
+    ]
+    return "\n".join(lines)
+
+
+# --- Ollama ----------------------------------------------------------------------------------------------------------
+# A Go template (Ollama's format) that renders OpenAI's harmony format the way gpt-oss was trained: system message
+# with knowledge cutoff, current date, reasoning level and the valid channels; the Modelfile's SYSTEM / the user's
+# system prompt goes into a developer message under "# Instructions"; earlier assistant turns are rendered as
+# `<|start|>assistant<|channel|>final<|message|>...<|end|>` (their reasoning only after the last user turn); tool
+# calls/results in the commentary channel; the generation prompt is `<|start|>assistant`. Ollama switches to its
+# harmony parser (reasoning/"thinking" and tool calls) only when the template contains both <|start|> and <|end|>.
+# Generation stops on <|return|> / <|call|>, which the GGUF marks end-of-generation (checked by verify_gguf), so
+# no PARAMETER stop lines are needed. Sampling: OpenAI recommends temperature 1.0, top_p 1.0 for gpt-oss.
+OLLAMA_TEMPLATE = """<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+Knowledge cutoff: 2024-06
+Current date: {{ currentDate }}
+{{- if or (not .IsThinkSet) .Think }}
+
+Reasoning: {{ if .ThinkLevel }}{{ .ThinkLevel }}{{ else }}medium{{ end }}
+{{- end }}
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.
+{{- if .Tools }}
+Calls to these tools must go to the commentary channel: 'functions'.
+{{- end }}<|end|>
+{{- if .System }}<|start|>developer<|message|># Instructions
+
+{{ .System }}<|end|>
+{{- end }}
+{{- $lastUser := -1 }}
+{{- $prefill := false }}
+{{- range $i, $m := .Messages }}
+  {{- if eq $m.Role "user" }}{{ $lastUser = $i }}{{ end }}
+  {{- if and (eq $m.Role "assistant") (eq (len (slice $.Messages $i)) 1) }}{{ $prefill = true }}{{ end }}
+{{- end }}
+{{- range $i, $m := .Messages }}
+  {{- $last := eq (len (slice $.Messages $i)) 1 }}
+  {{- if eq $m.Role "user" }}<|start|>user<|message|>{{ $m.Content }}<|end|>
+  {{- else if eq $m.Role "assistant" }}
+    {{- if and $m.Thinking (gt $i $lastUser) }}<|start|>assistant<|channel|>analysis<|message|>{{ $m.Thinking }}
+      {{- if not (and $last (not $m.Content)) }}<|end|>{{ end }}
+    {{- end }}
+    {{- if $m.Content }}<|start|>assistant<|channel|>final<|message|>{{ $m.Content }}
+      {{- if not $last }}<|end|>{{ end }}
+    {{- end }}
+    {{- range $m.ToolCalls }}<|start|>assistant<|channel|>commentary to=functions.{{ .Function.Name }} <|constrain|>json<|message|>{{ .Function.Arguments }}<|call|>
+    {{- end }}
+  {{- else if eq $m.Role "tool" }}<|start|>functions.{{ $m.ToolName }} to=assistant<|channel|>commentary<|message|>{{ $m.Content }}<|end|>
+  {{- end }}
+{{- end }}
+{{- if not $prefill }}<|start|>assistant{{ end }}"""
+
+
+def write_modelfile(gguf_path: Path, dest: Path | None = None) -> Path:
+    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile` in that folder."""
+    gguf_path = Path(gguf_path)
+    dest = dest or gguf_path.parent / "Modelfile"
+    from swft_lite import __version__
+
+    text = (f"# Ollama Modelfile written by swft-lite {__version__}.\n"
+            f"# Use: cd {gguf_path.parent} && ollama create my-gpt-oss -f {dest.name}\n"
+            "# The template renders OpenAI's harmony format (gpt-oss's chat format). Generation stops on <|return|>\n"
+            "# and <|call|>, which the GGUF marks as end-of-generation tokens.\n"
+            f"FROM ./{gguf_path.name}\n\n"
+            f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n\n'
+            "# OpenAI's recommended sampling for gpt-oss\n"
+            "PARAMETER temperature 1.0\n"
+            "PARAMETER top_p 1.0\n")
+    dest.write_text(text)
+    return dest
+
+
+# --- the command -----------------------------------------------------------------------------------------------------
+
+
+def resolve_source(source: str | Path, log: Callable[[str], None] = print, **merge_kwargs) -> tuple[Path, Path | None]:
+    """(merged model folder, run folder or None) for RUN_DIR or MERGED_DIR; a run without merged/ is merged first."""
+    source = Path(source).expanduser().resolve()
+    if (source / "config.json").exists() and (list(source.glob("*.safetensors"))):
+        return source, (source.parent if (source.parent / "run.json").exists() else None)
+    if (source / "merged" / "config.json").exists():
+        return source / "merged", source
+    if (source / "adapter" / "adapter_config.json").exists():
+        from swft_lite.merge import merge_adapter
+
+        log(f"{source} has no merged/ yet: merging (and verifying) first.")
+        merge_adapter(source, log=log, **merge_kwargs)
+        return source / "merged", source
+    raise GGUFError(f"{source} is neither a merged model folder (config.json + *.safetensors) nor a run folder "
+                    "(adapter/ or merged/)")
+
+
+def export_gguf(source: str | Path, *, quant: str = DEFAULT_QUANT, out: str | Path | None = None,
+                llama_cpp: str | Path | None = None, verify: bool = True, overwrite: bool = False,
+                modelfile: bool = True, thresholds: dict | None = None,
+                log: Callable[[str], None] = print) -> dict:
+    """Convert a merged gpt-oss (or a run folder's merged/) to GGUF at `quant`, verify it, write a Modelfile.
+
+    Returns {"gguf", "quant", "outtype", "ftype", "quantize": {"tool", "fallbacks"} or None, "converter",
+             "size_bytes", "modelfile", "seconds", "log", "verification": verify_gguf(...) or None}.
+    Raises GGUFError (GGUFVerificationError with `.report` when the check fails; the file is then renamed
+    `<file>.failed`)."""
+    t0 = time.time()
+    quant = quant.lower()
+    if quant not in QUANTS:
+        raise GGUFError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    outtype, ftype, family = QUANTS[quant]
+    model_dir, run_dir = resolve_source(source, log=log)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("model_type") != "gpt_oss":
+        raise GGUFError(f"{model_dir} is a {cfg.get('model_type')!r} model; save-gguf exports gpt-oss")
+    if out is None:
+        name = (run_dir.name if run_dir else model_dir.name)
+        out = (run_dir / "gguf" if run_dir else model_dir.parent / "gguf") / f"{name}-{quant}.gguf"
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise GGUFError(f"{out} already exists; pass --overwrite to replace it")
+    if ftype and ftype.startswith(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ")):
+        log(f"Warning: {quant} is a k-/i-quant (256-wide blocks). gpt-oss's tensors are {cfg.get('hidden_size')} "
+            "wide and llama.cpp falls back to q5_0/q8_0 for every tensor whose width is not a multiple of 256 "
+            "(gpt-oss-20b's 2880 is not), so the file is larger than that quant usually is and not uniformly that "
+            "quant. mxfp4 (the default) is the format gpt-oss was released in.")
+    converter = find_converter(llama_cpp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    log_file = out.with_name(out.name + ".log")
+    log_file.write_text("")
+    report: dict = {"gguf": str(out), "quant": quant, "outtype": outtype, "ftype": ftype, "converter": str(converter),
+                    "model_dir": str(model_dir), "log": str(log_file), "quantize": None, "verification": None}
+    log(f"Converting {model_dir} -> {out.name} ({quant}) with {converter / 'convert_hf_to_gguf.py'}")
+    try:
+        if ftype is None:
+            convert_hf_to_gguf(model_dir, partial, outtype, converter, log_file)
+        else:
+            inter = out.with_name(out.name + f".{outtype}.tmp")
+            try:
+                convert_hf_to_gguf(model_dir, inter, outtype, converter, log_file)
+                log(f"Quantizing to {ftype} ...")
+                report["quantize"] = quantize_gguf(inter, partial, ftype, converter, log_file)
+            finally:
+                if inter.exists():
+                    inter.unlink()
+            fb = report["quantize"]["fallbacks"]
+            if fb:
+                log(f"  {len(fb)} tensor(s) fell back to another type (see {log_file.name}), e.g. {fb[0]}")
+        report["size_bytes"] = partial.stat().st_size
+        if verify:
+            log("Verifying the GGUF: read back, then llama.cpp vs the merged model on the probe tokens ...")
+            v = verify_gguf(partial, model_dir, quant, thresholds=thresholds)
+            report["verification"] = v
+            log(format_gguf_verification(v))
+            if not v["passed"]:
+                raise GGUFVerificationError(f"GGUF verification FAILED for {out.name}: " + "; ".join(v["failures"]),
+                                            report)
+    except BaseException as exc:
+        if partial.exists():
+            failed = out.with_name(out.name + ".failed")
+            os.replace(partial, failed)
+            report["failed_file"] = str(failed)
+            if isinstance(exc, GGUFError):
+                exc.args = (f"{exc.args[0]}\nThe file was renamed to {failed} so it is not mistaken for a good "
+                            "export.",)
+        raise
+    os.replace(partial, out)
+    if modelfile:
+        report["modelfile"] = str(write_modelfile(out))
+    report["seconds"] = time.time() - t0
+    out.with_name(out.name + ".report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    log(f"GGUF written to {out}" + (f"\nOllama: cd {out.parent} && ollama create NAME -f Modelfile" if modelfile
+                                      else ""))
+    return report

@@ -1,0 +1,183 @@
+"""`swft-lite save-gguf`: llama.cpp's converter, quantization, and the check of every file against the merged model.
+
+llama.cpp's convert_hf_to_gguf.py comes from $SWFT_LLAMA_CPP when it is set, else from the llama-cpp-python source
+package on PyPI, downloaded once with pip into ~/.cache/swft-lite (what `swft-lite save-gguf --fetch-converter`
+does). Without either the tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from test_merge import make_run, save_sharp_base
+
+pytestmark = pytest.mark.slow
+
+HARMONY_CHANNELS_LINE = "# Valid channels: analysis, commentary, final. Channel must be included for every message."
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_dir() -> Path:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'swft-lite[gguf]')")
+    pytest.importorskip("gguf", reason="gguf is not installed (pip install 'swft-lite[gguf]')")
+    from swft_lite.gguf_export import GGUFError, _converter_in, fetch_converter
+
+    env = os.environ.get("SWFT_LLAMA_CPP")
+    if env:
+        found = _converter_in(Path(env))
+        if not found:
+            pytest.fail(f"SWFT_LLAMA_CPP={env} holds no convert_hf_to_gguf.py")
+        return found
+    try:
+        return fetch_converter()
+    except GGUFError as exc:
+        pytest.skip(f"llama.cpp's converter is not available: SWFT_LLAMA_CPP is unset and downloading the "
+                    f"llama-cpp-python source package from PyPI failed: {exc}")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run folder with a verified-elsewhere merge (--no-verify here: test_merge.py checks merges)."""
+    from swft_lite.merge import merge_adapter
+
+    root = tmp_path_factory.mktemp("gguf-run")
+    base = save_sharp_base(tiny_model_dir, root / "base")
+    run = make_run(root / "run", base)
+    merge_adapter(run, verify=False, log=lambda s: None)
+    return run
+
+
+def _invoke(args):
+    from click.testing import CliRunner
+
+    from swft_lite.cli import main
+
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    print(result.output)
+    return result
+
+
+def _export(run_dir: Path, quant: str, llama_cpp_dir: Path) -> dict:
+    result = _invoke(["save-gguf", str(run_dir), "--quant", quant, "--llama-cpp", str(llama_cpp_dir)])
+    assert result.exit_code == 0, result.output
+    gguf_file = run_dir / "gguf" / f"{run_dir.name}-{quant}.gguf"
+    assert gguf_file.exists() and "PASSED" in result.output
+    assert not gguf_file.with_name(gguf_file.name + ".partial").exists()
+    report = json.loads(gguf_file.with_name(gguf_file.name + ".report.json").read_text())
+    v = report["verification"]
+    h = v["header"]
+    assert v["passed"] and h["ok"], v["failures"]
+    assert h["architecture"] == "gpt-oss" and h["block_count"] == 2
+    assert h["tensor_count"] == h["expected_tensor_count"] == 19 * 2 + 3
+    assert h["vocab_size"] == 201088 and h["chat_template"]
+    assert h["special_ids"]["eos"]["gguf"] == 200002 and h["special_ids"]["pad"]["gguf"] == 199999
+    assert len(v["generated"]) == 8 and all(v["eog"].values())
+    print(f"{quant}: max |dlogit| {v['max_abs_logit_diff']:.3g}, cosine mean {v['cos_mean']:.5f} p10 "
+          f"{v['cos_p10']:.5f} min {v['cos_min']:.4f}, top-1 {v['top1_agreement']:.3f}, greedy match "
+          f"{v['greedy_match']}, size {report['size_bytes'] / 2**20:.1f} MiB")
+    return report
+
+
+@pytest.fixture(scope="module")
+def f16_export(run_dir, llama_cpp_dir) -> dict:
+    return _export(run_dir, "f16", llama_cpp_dir)
+
+
+def _template_blocks_balanced(template: str) -> bool:
+    depth = 0
+    for action in re.findall(r"{{-?\s*(.*?)\s*-?}}", template, flags=re.S):
+        word = action.split()[0] if action.split() else ""
+        if word in ("if", "range", "with", "define", "block"):
+            depth += 1
+        elif word == "end":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
+
+
+def test_f16_export_matches_merged_model_and_writes_modelfile(f16_export, run_dir):
+    v = f16_export["verification"]
+    assert v["header"]["expert_types"] == ["F16"]
+    assert v["max_abs_logit_diff"] <= 1e-2 * max(1.0, v["ref_logit_rms"])
+    assert v["top1_agreement_tol"] == 1.0 and v["greedy_match"]
+
+    modelfile = (run_dir / "gguf" / "Modelfile").read_text()
+    assert f"FROM ./{Path(f16_export['gguf']).name}" in modelfile
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    # Ollama treats a model as harmony (its reasoning and tool-call parser) only with both of these in the template
+    assert "<|start|>" in template and "<|end|>" in template
+    for needle in ("Knowledge cutoff:", "Current date: {{ currentDate }}", "Reasoning: ", HARMONY_CHANNELS_LINE,
+                   "<|start|>developer<|message|># Instructions", "{{ .System }}", "<|start|>user<|message|>",
+                   "<|start|>assistant<|channel|>final<|message|>", "<|channel|>analysis<|message|>",
+                   "range $i, $m := .Messages", ".Thinking", ".Content", ".Role"):
+        assert needle in template, needle
+    assert template.endswith("<|start|>assistant{{ end }}")  # the generation prompt
+    assert _template_blocks_balanced(template)
+    assert "PARAMETER temperature 1.0" in modelfile and "PARAMETER top_p 1.0" in modelfile
+
+
+@pytest.mark.parametrize("quant,expert_type,cos_mean_min", [("q8_0", "Q8_0", 0.99), ("mxfp4", "MXFP4", 0.95)])
+def test_quantized_exports(run_dir, llama_cpp_dir, quant, expert_type, cos_mean_min):
+    report = _export(run_dir, quant, llama_cpp_dir)
+    v = report["verification"]
+    assert v["header"]["expert_types"] == [expert_type]
+    assert v["cos_mean"] >= cos_mean_min
+    if quant == "mxfp4":
+        assert report["quantize"]["tool"]  # llama-quantize or llama_cpp.llama_model_quantize
+        # the other matrices of an MXFP4_MOE file are q8_0
+        assert v["header"]["tensor_types"].get("Q8_0", 0) >= 2 * 4 + 2
+
+
+def test_wrong_model_is_caught(f16_export, run_dir):
+    """The check is not a rubber stamp: the merged model's GGUF checked against the base (the adapter's effect
+    missing, as when an export silently drops the LoRA) fails the quantized limits, and is far outside the lossless
+    ones."""
+    from swft_lite.gguf_export import verify_gguf
+
+    base = Path(json.loads((run_dir / "run.json").read_text())["model"])
+    v = verify_gguf(Path(f16_export["gguf"]), base, "q4_k_m")  # a "low" family quant: judged by cosine only
+    print(f"adapter missing: cosine mean {v['cos_mean']:.4f} p10 {v['cos_p10']:.4f}, max |dlogit| "
+          f"{v['max_abs_logit_diff']:.3g}")
+    assert not v["passed"] and any("cosine" in f for f in v["failures"])
+    assert v["max_abs_logit_diff"] > 100 * f16_export["verification"]["max_abs_logit_diff_limit"]
+
+
+def test_failed_check_renames_the_file(run_dir, llama_cpp_dir, monkeypatch, f16_export):
+    """A file that fails its check never keeps the name asked for (the conversion is replaced by a copy of the f16
+    file here, and the limit made impossible)."""
+    import shutil
+
+    import swft_lite.gguf_export as ge
+
+    monkeypatch.setattr(ge, "convert_hf_to_gguf", lambda model_dir, out_file, *a: shutil.copy(f16_export["gguf"],
+                                                                                              out_file))
+    monkeypatch.setitem(ge.GGUF_THRESHOLDS, "exact", {"max_abs_logit_diff": {"f16": 1e-9}, "top1_agreement_min": 1.0})
+    out = run_dir / "gguf" / "strict.gguf"
+    result = _invoke(["save-gguf", str(run_dir / "merged"), "--quant", "f16", "--out", str(out),
+                      "--llama-cpp", str(llama_cpp_dir), "--no-modelfile"])
+    assert result.exit_code == 1 and "FAILED" in result.output and "strict.gguf.failed" in result.output
+    assert not out.exists() and out.with_name("strict.gguf.failed").exists()
+
+
+def test_no_converter_explains_every_way(run_dir, tmp_path, monkeypatch):
+    import swft_lite.gguf_export as ge
+
+    for var in ("SWFT_LLAMA_CPP", "UNSLOTH_LLAMA_CPP_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(ge, "CACHE_DIR", tmp_path / "cache")
+    result = _invoke(["save-gguf", str(run_dir), "--quant", "q4_k_m"])
+    assert result.exit_code == 1
+    out = result.output
+    # k-quants are accepted with a warning about gpt-oss's widths
+    assert "Warning" in out and "multiple of 256" in out and "q5_0/q8_0" in out
+    for way in ("--fetch-converter", "--llama-cpp", "SWFT_LLAMA_CPP", "UNSLOTH_LLAMA_CPP_PATH", "~/.unsloth/llama.cpp",
+                "pip download llama-cpp-python"):
+        assert way in out, way
+    assert not list((run_dir / "gguf").glob("*q4_k_m*")) if (run_dir / "gguf").exists() else True
