@@ -65,7 +65,7 @@ fi
 
 if want merge; then
 step "merge into the sharded base"
-swft merge "$WORK/runs/e2e" --base "$WORK/m2-sharded" --out "$WORK/runs/e2e/merged-sharded" 2>&1 | tee "$OUT/merge_sharded.log"
+swft merge "$WORK/runs/e2e" --base "$WORK/m2-sharded" --out "$WORK/runs/e2e/merged-sharded" --device cuda 2>&1 | tee "$OUT/merge_sharded.log"
 fi
 
 if want gguf; then
