@@ -54,17 +54,30 @@ from typing import Callable
 #   the same faults on the flat model move KL by < 3.4e-3 (the adapter itself only moves it 5e-3) but top-1 agreement
 #     still falls to 0.37 .. 0.85 for the four layout faults (the two single-tensor faults, 0.988 / 0.993, pass there).
 # So in fp32: trimmed mean KL <= 1e-3 (60x the worst correct merge, below every planted fault on the sharp model) and
-# top-1 agreement >= 0.98. A fault whose effect on the probes is smaller than this is, by definition, not caught: the
-# report always prints how far the adapter moved the logits from the base so that this margin can be judged.
-# In bf16/fp16 compute (a 20B model on one GPU) both forward passes carry rounding noise of their own (Unsloth's
-# single-file merge measured KL ~1e-3 that way on the GPU machine), so the limits are 10x looser there; fp32 (CPU, or
-# a GPU with room) gives the sharper check.
+# top-1 agreement >= 0.90 (a flat model's correct merge with a bf16 base reached only 0.965; Unsloth's broken merge
+# scored 0.54). A fault whose effect on the probes is smaller than this is, by definition, not caught: the report
+# always prints how far the adapter moved the logits from the base so that this margin can be judged.
+#
+# The control. At the real width (2880, 32 experts top-4; 4 random layers on an H200, adapter r=16 moving the probes
+# by KL 0.31) storing W + delta in bf16 costs far more than on the tiny model: trimmed KL 0.011 / top-1 0.82 in fp32
+# compute, 0.035 / 0.63 in bf16 compute, and PEFT's own merge_and_unload() scored the same (0.035 / 0.66 in bf16). A
+# random network is chaotic (every router decision is a near-tie), so a trained model may be much calmer, but the
+# fixed limits alone would fail correct merges there. So verify_merge also runs PEFT's own merge of the same model,
+# rounded to bf16 (in place, no extra memory): the limits are raised to what that control costs (x1.25 for KL, -0.05
+# for top-1), and in fp32 the merged folder must match the control itself (KL <= 1e-4: the weights are the same bf16
+# numbers when the merge is right; the tests see exactly 0). fp32 (CPU, or a GPU with room) is therefore the sharp
+# check; bf16 compute (a 20B model on one GPU) is noise-calibrated and can miss faults smaller than bf16's own noise.
 MERGE_THRESHOLDS = {
     "kl_mean_trimmed_max": 1e-3,  # mean over the best 98 % of positions of KL(base+adapter || merged), nats
-    "top1_agreement_min": 0.98,   # share of positions whose top-1 token matches, near-ties forgiven (below)
+    "top1_agreement_min": 0.90,   # share of positions whose top-1 token matches, near-ties forgiven (below)
     "top1_tolerance": 0.05,       # a different top-1 counts as agreeing if base+adapter rates it within 0.05 logits
-}                                 # of its own top-1 (a near-tie: bf16 rounding flips those)
-MERGE_THRESHOLDS_LOW_PRECISION = {"kl_mean_trimmed_max": 1e-2, "top1_agreement_min": 0.95, "top1_tolerance": 0.1}
+    #                               of its own top-1 (a near-tie: bf16 rounding flips those)
+    "control_factor": 1.25,       # the KL limit is raised to 1.25x what PEFT's own merge, stored in bf16, costs ...
+    "control_top1_slack": 0.05,   # ... and the top-1 limit lowered to 0.05 below it (a model that bf16 storage
+    #                               itself moves more than the fixed limits; see below)
+    "vs_control_kl_max": 1e-4,    # fp32 only: the merged folder vs PEFT's own merge (same bf16 weights expected)
+}
+MERGE_THRESHOLDS_LOW_PRECISION = dict(MERGE_THRESHOLDS, kl_mean_trimmed_max=1e-2, top1_tolerance=0.1)
 # An adapter that moves the probes less than this (mean KL vs the base) is reported as a no-op (not a failure).
 NOOP_KL = 1e-6
 # The worst KL_TRIM of the probe positions are left out of the gating mean.
@@ -752,25 +765,38 @@ def compare_logits(ref: list, other: list, top1_tolerance: float = 0.0) -> dict:
             "cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
 
 
+def _empty_cache(device):
+    import torch
+
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str | Path, *, device: str = "cpu",
-                 dtype=None, probes: list[list[int]] | None = None, thresholds: dict | None = None) -> dict:
-    """Run the probe tokens through base + adapter (PEFT, unmerged), the base alone, and the merged model.
+                 dtype=None, probes: list[list[int]] | None = None, thresholds: dict | None = None,
+                 out_dtype=None) -> dict:
+    """Run the probe tokens through base + adapter (PEFT, unmerged) = the trained model, the base alone, PEFT's own
+    merge_and_unload() of the same model with its weights rounded to the output dtype (the control: what a correct
+    merge stored in bf16 costs in this model and precision), and the merged folder.
 
     Returns {"passed", "failures": [str], "thresholds", "device", "dtype", "probe_tokens",
              "kl_mean", "kl_mean_trimmed", "kl_p50", "kl_max", "positions_kl_over_0.01", "top1_agreement",
-             "top1_agreement_tol", "max_abs_logit_diff",
-             "mean_abs_logit_diff", "cos_mean",
-             "cos_min"  (merged vs base + adapter),
-             "adapter_effect": {same keys: base alone vs base + adapter}, "adapter_is_noop": bool}.
-    The models are loaded one after the other (never two at once), so a 20B check needs memory for one model."""
+             "top1_agreement_tol", "max_abs_logit_diff", "mean_abs_logit_diff", "cos_mean", "cos_min"
+                 (merged folder vs base + adapter),
+             "adapter_effect": {same keys: base alone vs base + adapter}, "adapter_is_noop": bool,
+             "control": {same keys: PEFT's own merge, rounded to bf16, vs base + adapter},
+             "vs_control": {same keys: merged folder vs that control}}.
+    Models are held one at a time (PEFT's merge happens in place), so a 20B check needs memory for one model."""
+    import torch
     from peft import PeftModel
 
     merged_dir, base_dir, adapter_dir = Path(merged_dir), Path(base_dir), Path(adapter_dir)
     dtype = _default_dtype(device, dtype)
-    import torch
-
-    base_th = MERGE_THRESHOLDS if dtype == torch.float32 else MERGE_THRESHOLDS_LOW_PRECISION
-    th = dict(base_th, **(thresholds or {}))
+    out_dtype = out_dtype or torch.bfloat16
+    exact = dtype == torch.float32
+    th = dict(MERGE_THRESHOLDS if exact else MERGE_THRESHOLDS_LOW_PRECISION, **(thresholds or {}))
+    tol = th["top1_tolerance"]
     if probes is None:
         tok_dir = adapter_dir if (adapter_dir / "tokenizer.json").exists() else merged_dir
         probes = probe_token_ids(tok_dir)
@@ -781,45 +807,61 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
     ref = _logits(model, probes, device)
     with model.disable_adapter():
         base_logits = _logits(model, probes, device)
-    del model
-    gc.collect()
-    effect = compare_logits(ref, base_logits, th["top1_tolerance"])
+    effect = compare_logits(ref, base_logits, tol)
     del base_logits
+    # the control: PEFT merges the same weights itself (in place, no extra memory), stored as the output dtype
+    control_model = model.merge_and_unload()
+    with torch.no_grad():
+        for p in control_model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(out_dtype).to(p.dtype)
+    control_logits = _logits(control_model, probes, device)
+    del model, control_model
+    _empty_cache(device)
+    control = compare_logits(ref, control_logits, tol)
 
     model = _load_causal_lm(merged_dir, device, dtype)
     merged_logits = _logits(model, probes, device)
     del model
-    gc.collect()
-    res = compare_logits(ref, merged_logits, th["top1_tolerance"])
+    _empty_cache(device)
+    res = compare_logits(ref, merged_logits, tol)
+    vs_control = compare_logits(control_logits, merged_logits, tol)
+    del control_logits, merged_logits
 
     failures = []
-    if not res["kl_mean_trimmed"] <= th["kl_mean_trimmed_max"]:
+    kl_limit = max(th["kl_mean_trimmed_max"], th["control_factor"] * control["kl_mean_trimmed"])
+    if not res["kl_mean_trimmed"] <= kl_limit:
         failures.append(f"mean KL {res['kl_mean_trimmed']:.3g} (worst {KL_TRIM:.0%} of positions left out) > "
-                        f"{th['kl_mean_trimmed_max']:g}")
-    if not res["top1_agreement_tol"] >= th["top1_agreement_min"]:
-        failures.append(f"top-1 agreement {res['top1_agreement_tol']:.3f} (near-ties forgiven) < "
-                        f"{th['top1_agreement_min']:g}")
+                        f"{kl_limit:.3g}")
+    top1_limit = min(th["top1_agreement_min"], control["top1_agreement_tol"] - th["control_top1_slack"])
+    if not res["top1_agreement_tol"] >= top1_limit:
+        failures.append(f"top-1 agreement {res['top1_agreement_tol']:.3f} (near-ties forgiven) < {top1_limit:.3g}")
+    if exact and not vs_control["kl_mean_trimmed"] <= th["vs_control_kl_max"]:
+        failures.append(f"differs from PEFT's own merge: mean KL {vs_control['kl_mean_trimmed']:.3g} > "
+                        f"{th['vs_control_kl_max']:g}")
     report = dict(res)
-    report.update({"passed": not failures, "failures": failures, "thresholds": th, "device": str(device),
-                   "dtype": str(dtype).replace("torch.", ""), "probe_tokens": sum(len(p) for p in probes),
-                   "adapter_effect": effect, "adapter_is_noop": effect["kl_mean"] < NOOP_KL})
+    report.update({"passed": not failures, "failures": failures, "thresholds": th, "kl_limit": kl_limit,
+                   "top1_limit": top1_limit, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                   "probe_tokens": sum(len(p) for p in probes), "adapter_effect": effect,
+                   "adapter_is_noop": effect["kl_mean"] < NOOP_KL, "control": control, "vs_control": vs_control})
     return report
 
 
 def format_verification(v: dict) -> str:
-    e = v["adapter_effect"]
+    e, c, vc = v["adapter_effect"], v["control"], v["vs_control"]
     lines = [
         f"  probe: {v['probe_tokens']} tokens ({v['device']}, {v['dtype']})",
         f"  merged vs base+adapter: KL mean {v['kl_mean_trimmed']:.2e} (worst {KL_TRIM:.0%} left out; all "
-        f"{v['kl_mean']:.2e}, max {v['kl_max']:.2e}), top-1 agreement "
-        f"{v['top1_agreement']:.4f} ({v['top1_agreement_tol']:.4f} with near-ties forgiven), max |dlogit| "
-        f"{v['max_abs_logit_diff']:.2e}",
+        f"{v['kl_mean']:.2e}, max {v['kl_max']:.2e}), top-1 agreement {v['top1_agreement']:.4f} "
+        f"({v['top1_agreement_tol']:.4f} with near-ties forgiven), max |dlogit| {v['max_abs_logit_diff']:.2e}",
+        f"  PEFT's own merge in bf16 (control): KL mean {c['kl_mean_trimmed']:.2e}, top-1 {c['top1_agreement_tol']:.4f}"
+        f"; merged vs control: KL mean {vc['kl_mean_trimmed']:.2e}, max |dlogit| {vc['max_abs_logit_diff']:.2e}",
         f"  adapter vs base (how far training moved the model): KL mean {e['kl_mean']:.2e}, top-1 agreement "
         f"{e['top1_agreement']:.4f}, max |dlogit| {e['max_abs_logit_diff']:.2e}"
         + ("  <- the adapter is a no-op" if v["adapter_is_noop"] else ""),
-        f"  limits: mean KL <= {v['thresholds']['kl_mean_trimmed_max']:g}, "
-        f"top-1 agreement >= {v['thresholds']['top1_agreement_min']:g} (near-tie: within "
-        f"{v['thresholds']['top1_tolerance']:g} logits)  ->  "
-        + ("PASSED" if v["passed"] else "FAILED: " + "; ".join(v["failures"])),
+        f"  limits: mean KL <= {v['kl_limit']:.3g}, top-1 agreement >= {v['top1_limit']:.3g} (near-tie: within "
+        f"{v['thresholds']['top1_tolerance']:g} logits)"
+        + (f", merged vs control KL <= {v['thresholds']['vs_control_kl_max']:g}" if v["dtype"] == "float32" else "")
+        + "  ->  " + ("PASSED" if v["passed"] else "FAILED: " + "; ".join(v["failures"])),
     ]
     return "\n".join(lines)

@@ -209,6 +209,7 @@ def test_merge_run_dir_verified_and_equal_to_peft(run_dir, reference_merge):
     report = json.loads((out / "merge_report.json").read_text())
     v = report["verification"]
     assert v["passed"] and v["kl_mean_trimmed"] < 1e-4 and v["top1_agreement_tol"] >= 0.99
+    assert v["vs_control"]["kl_mean"] == 0 and v["vs_control"]["max_abs_logit_diff"] == 0  # = PEFT's own merge
     # the adapter really moves the model, so the check above means something
     assert v["adapter_effect"]["kl_mean"] > 0.1 and v["adapter_effect"]["max_abs_logit_diff"] > 0.5
     assert report["lora_tensors_merged"] == 2 * (4 + 2) == report["lora_layers"]
@@ -282,6 +283,7 @@ def test_planted_fault_is_caught(run_dir, hook):
           f"top-1 {v['top1_agreement']:.3f} ({v['top1_agreement_tol']:.3f} near-ties forgiven), "
           f"max |dlogit| {v['max_abs_logit_diff']:.3g}")
     assert not v["passed"] and v["kl_mean_trimmed"] > 1e-3 and v["top1_agreement_tol"] < 0.98
+    assert v["vs_control"]["kl_mean_trimmed"] > 1e-3  # and far from what PEFT's own merge gives
     assert not (run_dir / "merged").exists()
     assert (run_dir / "merged.failed" / "model.safetensors").exists()
     assert "merged.failed" in str(err.value)
@@ -350,15 +352,15 @@ def test_adapter_that_does_not_fit_is_refused(tmp_path, sharp_base, adapter_dir)
 
 def test_flat_tiny_model_and_noop_adapter(tmp_path, tiny_model_dir):
     """The model exactly as the training tests build it: a correct merge passes; a no-op adapter is reported."""
-    from swft_lite.merge import format_verification, merge_adapter, verify_merge
+    from swft_lite.merge import format_verification, merge_adapter
 
     run = make_run(tmp_path / "run", tiny_model_dir, std=0.05, seed=3)
-    report = merge_adapter(run)
-    assert report["verification"]["passed"] and not report["verification"]["adapter_is_noop"]
+    v = merge_adapter(run)["verification"]
+    assert v["passed"] and not v["adapter_is_noop"]
+    assert v["vs_control"]["kl_mean"] == 0  # bit for bit PEFT's own merge stored in bf16
 
-    noop = tmp_path / "noop"
-    make_adapter(tiny_model_dir, noop, std=0.0)
-    v = verify_merge(tiny_model_dir, tiny_model_dir, noop)  # the base is the merge of a no-op adapter
+    noop = make_run(tmp_path / "noop", tiny_model_dir, std=0.0)  # lora_B = 0: a freshly initialised LoRA
+    v = merge_adapter(noop)["verification"]
     assert v["passed"] and v["adapter_is_noop"] and v["adapter_effect"]["kl_mean"] == 0
     assert "no-op" in format_verification(v)
 
