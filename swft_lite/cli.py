@@ -421,8 +421,9 @@ def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, d
     Every LoRA delta (attention q/k/v/o and each expert's gate_up/down) is computed by PEFT's own layer code and
     added shard by shard (memory: about one output shard); an MXFP4 base has its experts dequantized to bf16.
     The result is then loaded and compared with base + adapter on fixed harmony probe tokens: mean KL <= 1e-3
-    over the best 98% of positions and top-1 agreement >= 0.98, near-ties forgiven (in fp32; 1e-2 and 0.95 in
-    bf16). A merge that fails is left at OUT.failed, never at OUT, and the command exits 1.
+    over the best 98% of positions and top-1 agreement >= 0.90, near-ties forgiven (1e-2 in bf16), or no worse
+    than PEFT's own merge of the same model stored in bf16; in fp32 it must also match that merge (KL <= 1e-4).
+    A merge that fails is left at OUT.failed, never at OUT, and the command exits 1.
     We do not use Unsloth's save_pretrained_merged: on a multi-file gpt-oss base it could not tell the expert
     layout apart (expert width == hidden size) and wrote a wrong model.
     """
