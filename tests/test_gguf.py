@@ -149,19 +149,21 @@ def test_wrong_model_is_caught(f16_export, run_dir):
 
 
 def test_failed_check_renames_the_file(run_dir, llama_cpp_dir, monkeypatch, f16_export):
-    """A file that fails its check never keeps the name asked for (the conversion is replaced by a copy of the f16
-    file here, and the limit made impossible)."""
+    """A file that fails its check never keeps the name asked for. (The conversion is replaced by a copy of the f16
+    file and the check by one that fails: test_wrong_model_is_caught shows the real check failing.)"""
     import shutil
 
     import swft_lite.gguf_export as ge
 
     monkeypatch.setattr(ge, "convert_hf_to_gguf", lambda model_dir, out_file, *a: shutil.copy(f16_export["gguf"],
                                                                                               out_file))
-    monkeypatch.setitem(ge.GGUF_THRESHOLDS, "exact", {"max_abs_logit_diff": {"f16": 1e-9}, "top1_agreement_min": 1.0})
+    failing = dict(f16_export["verification"], passed=False, failures=["planted by the test"])
+    monkeypatch.setattr(ge, "verify_gguf", lambda *a, **k: failing)
     out = run_dir / "gguf" / "strict.gguf"
     result = _invoke(["save-gguf", str(run_dir / "merged"), "--quant", "f16", "--out", str(out),
                       "--llama-cpp", str(llama_cpp_dir), "--no-modelfile"])
-    assert result.exit_code == 1 and "FAILED" in result.output and "strict.gguf.failed" in result.output
+    assert result.exit_code == 1 and "FAILED" in result.output and "planted by the test" in result.output
+    assert "strict.gguf.failed" in result.output
     assert not out.exists() and out.with_name("strict.gguf.failed").exists()
 
 
