@@ -80,7 +80,10 @@ DEFAULT_QUANT = "mxfp4"
 GGUF_THRESHOLDS = {
     "exact": {"max_abs_logit_diff": {"f32": 1e-2, "f16": 1e-2, "bf16": 4e-2},  # x max(1, RMS of ref logits)
               "top1_agreement_min": 1.0},
-    "q8": {"cos_mean_min": 0.99, "cos_p10_min": 0.98},
+    # q8_0 on a random real-width gpt-oss (2 layers, hidden 2880, 32 experts; H200, 2026-11-27) measured cosine mean
+    # 0.990 and p10 0.973 - random routers sit on near-ties that 8-bit rounding flips; the tiny test model 0.999 /
+    # 0.9999. A GGUF that lost the adapter scores ~0.8.
+    "q8": {"cos_mean_min": 0.98, "cos_p10_min": 0.95},
     "low": {"cos_mean_min": 0.95, "cos_p10_min": 0.90},
 }
 GPT_OSS_TENSORS_PER_LAYER = 19   # attn_norm, attn_{q,k,v,output}.{weight,bias}, attn_sinks, post_attention_norm,

@@ -345,6 +345,17 @@ class AdapterDeltas:
             if peft_cfg.get(key):
                 raise MergeError(f"the adapter uses {what} ({key}={peft_cfg[key]!r}), which swft-lite's merge does "
                                  "not support")
+        # Unsloth records how it packed the experts' lora_B (unsloth_zoo moe_utils: "rank_major" is PEFT's own
+        # packing; "grouped_by_expert" is an older Unsloth one). PEFT ignores the key, so an adapter in the other
+        # packing would merge - and check out against PEFT's own reading of it - while computing something else
+        # than the model that was trained. Refuse it rather than guess.
+        layout = peft_cfg.get("lora_B_layout")
+        if layout not in (None, "rank_major"):
+            raise MergeError(f"{adapter_dir}/adapter_config.json says lora_B_layout={layout!r}: the experts' LoRA "
+                             "is packed in Unsloth's legacy layout, not PEFT's (rank_major). swft-lite merges with "
+                             "PEFT's own delta code and will not guess another layout; retrain with Unsloth "
+                             ">= 2026.10 (which writes rank_major), or merge inside Unsloth with "
+                             "UNSLOTH_MOE_LORA_B_LAYOUT=grouped_by_expert and check the result.")
         config = AutoConfig.from_pretrained(str(base_dir))
         if hasattr(config, "quantization_config"):
             del config.quantization_config

@@ -399,3 +399,20 @@ def test_mxfp4_base_dequantized_and_merged(tmp_path, sharp_base, adapter_dir):
         base = dequantize_mxfp4(blocks, scales, dtype=torch.float32)
         want = (base + deltas.delta(name, base)).to(torch.bfloat16)
         assert torch.equal(merged[name], want), name
+
+
+def test_unsloth_legacy_expert_layout_is_refused(run_dir):
+    """Unsloth marks an adapter whose experts' lora_B is packed its older way (`lora_B_layout`); PEFT ignores that
+    key, so merging it with PEFT's deltas would check out against PEFT's reading and still be the wrong model."""
+    cfg_path = run_dir / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora_B_layout"] = "grouped_by_expert"
+    cfg_path.write_text(json.dumps(cfg))
+    result = _invoke(["merge", str(run_dir)])
+    assert result.exit_code == 1
+    assert "lora_B_layout='grouped_by_expert'" in result.output and "rank_major" in result.output
+    assert not (run_dir / "merged").exists()
+
+    cfg["lora_B_layout"] = "rank_major"  # PEFT's own packing, what unsloth_zoo 2026.10.9 writes by default
+    cfg_path.write_text(json.dumps(cfg))
+    assert _invoke(["merge", str(run_dir), "--no-verify"]).exit_code == 0
