@@ -79,7 +79,9 @@ DEFAULT_QUANT = "mxfp4"
 # against the merged model) scores mean cosine ~0.7-0.8 on the sharp test model, far below these limits.
 GGUF_THRESHOLDS = {
     "exact": {"max_abs_logit_diff": {"f32": 1e-2, "f16": 1e-2, "bf16": 4e-2},  # x max(1, RMS of ref logits)
-              "top1_agreement_min": 1.0},
+              "top1_agreement_min": 1.0,
+              # when that strict bound is missed: no worse than transformers' bf16 run of the merged weights
+              "control_margin": {"cos": 1e-3, "top1": 0.02}},
     # q8_0 on a random real-width gpt-oss (2 layers, hidden 2880, 32 experts; H200, 2026-11-27) measured cosine mean
     # 0.990 and p10 0.973 - random routers sit on near-ties that 8-bit rounding flips; the tiny test model 0.999 /
     # 0.9999. A GGUF that lost the adapter scores ~0.8.
@@ -368,11 +370,11 @@ def inspect_gguf(path: Path, model_dir: Path) -> dict:
 
 
 def reference_logits(model_dir: Path, probes: list[list[int]], gen_prompt: list[int] | None = None,
-                     n_gen: int = GENERATE_TOKENS):
-    """The merged model (transformers, fp32, CPU) on the probes: (logits per probe, greedy continuation of
-    gen_prompt, the logits at each greedy step). Cached per folder and probe set within the process."""
+                     n_gen: int = GENERATE_TOKENS, dtype: str = "float32"):
+    """The merged model (transformers, fp32 unless told, CPU) on the probes: (logits per probe, greedy continuation
+    of gen_prompt, the logits at each greedy step). Cached per folder and probe set within the process."""
     stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in Path(model_dir).glob("*.safetensors")))
-    key = (tuple(map(tuple, probes)), tuple(gen_prompt or ()), n_gen)
+    key = (tuple(map(tuple, probes)), tuple(gen_prompt or ()), n_gen, dtype)
     return _reference_cached(str(Path(model_dir).resolve()), stamp, key)
 
 
@@ -381,8 +383,8 @@ def _reference_cached(model_dir: str, _stamp, key):
     import torch
     from transformers import AutoModelForCausalLM
 
-    probes, gen_prompt, n_gen = key
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    probes, gen_prompt, n_gen, dtype = key
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     logits, greedy, step_logits = [], [], []
     with torch.no_grad():
         for ids in probes:
@@ -485,12 +487,35 @@ def verify_gguf(path: str | Path, model_dir: str | Path, quant: str, *, probes: 
     cmp.update({"greedy_reference": hf_greedy, "greedy_diverges_at": diverge, "greedy_regret": regret})
 
     if family == "exact":
+        strict = []
         if not cmp["max_abs_logit_diff"] <= limit:
-            failures.append(f"max |dlogit| {cmp['max_abs_logit_diff']:.3g} > {limit:.3g}")
+            strict.append(f"max |dlogit| {cmp['max_abs_logit_diff']:.3g} > {limit:.3g}")
         if not cmp["top1_agreement_tol"] >= th["top1_agreement_min"]:
-            failures.append(f"top-1 agreement {cmp['top1_agreement_tol']:.4f} < {th['top1_agreement_min']:g}")
+            strict.append(f"top-1 agreement {cmp['top1_agreement_tol']:.4f} < {th['top1_agreement_min']:g}")
         if not greedy_ok:
-            failures.append("greedy generation differs from the merged model's")
+            strict.append("greedy generation differs from the merged model's")
+        if strict:
+            # An MoE is not continuous: where two experts' router scores nearly tie, rounding picks the other one,
+            # and through attention that position moves every later one. Random-init test models sit on such ties
+            # everywhere (seen: tiny models at init 0.1, and 0.02 with other seeds). So a file that misses the
+            # strict bound is held to a control instead: it must be at least as close to the fp32 reference as
+            # transformers' own bf16 run of the same merged weights - noise the model itself has, not the file.
+            ctl_logits = reference_logits(model_dir, probes, dtype="bfloat16")[0]
+            ctl = compare_logits(ref, ctl_logits, th.get("top1_tolerance", 0.0))
+            ctl["cos_p10"] = float(torch.quantile(torch.cat(
+                [(a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)) for a, b in zip(ref, ctl_logits)]), 0.10))
+            cmp["control_bf16"] = {k: ctl[k] for k in ("cos_mean", "cos_p10", "top1_agreement_tol", "kl_mean",
+                                                        "max_abs_logit_diff")}
+            m = th["control_margin"]
+            if not cmp["cos_mean"] >= ctl["cos_mean"] - m["cos"]:
+                failures.append(f"mean logit cosine {cmp['cos_mean']:.5f} below the bf16 control's "
+                                f"{ctl['cos_mean']:.5f} (and {strict[0]})")
+            if not cmp["cos_p10"] >= ctl["cos_p10"] - m["cos"]:
+                failures.append(f"10th-percentile logit cosine {cmp['cos_p10']:.5f} below the bf16 control's "
+                                f"{ctl['cos_p10']:.5f}")
+            if not cmp["top1_agreement_tol"] >= ctl["top1_agreement_tol"] - m["top1"]:
+                failures.append(f"top-1 agreement {cmp['top1_agreement_tol']:.4f} below the bf16 control's "
+                                f"{ctl['top1_agreement_tol']:.4f}")
     else:
         if not cmp["cos_mean"] >= th["cos_mean_min"]:
             failures.append(f"mean logit cosine {cmp['cos_mean']:.4f} < {th['cos_mean_min']:g}")

@@ -146,6 +146,9 @@ def test_wrong_model_is_caught(f16_export, run_dir):
           f"{v['max_abs_logit_diff']:.3g}")
     assert not v["passed"] and any("cosine" in f for f in v["failures"])
     assert v["max_abs_logit_diff"] > 100 * f16_export["verification"]["max_abs_logit_diff_limit"]
+    # and the lossless check's fallback (no worse than transformers' own bf16 run) does not let it through either
+    exact = verify_gguf(Path(f16_export["gguf"]), base, "f16")
+    assert not exact["passed"] and any("bf16 control" in f for f in exact["failures"])
 
 
 def test_failed_check_renames_the_file(run_dir, llama_cpp_dir, monkeypatch, f16_export):
@@ -183,3 +186,37 @@ def test_no_converter_explains_every_way(run_dir, tmp_path, monkeypatch):
                 "pip download llama-cpp-python"):
         assert way in out, way
     assert not list((run_dir / "gguf").glob("*q4_k_m*")) if (run_dir / "gguf").exists() else True
+
+
+@pytest.mark.slow
+def test_train_merge_and_export_end_to_end(tmp_path, shared_model_dir, llama_cpp_dir):
+    """The whole way a user goes, through the real commands: train (hf backend, attention + expert LoRA) with its
+    verified merge at the end, then save-gguf at f16, q8_0 and mxfp4 - each file read back, run with llama.cpp
+    against the merged model, and generating."""
+    from conftest import TINY_SIZE
+    from test_train import CPU_FLAGS, ROWS, write_jsonl
+
+    from swft_lite.random_model import save_random_gpt_oss
+
+    base = save_random_gpt_oss(tmp_path / "base", shared_model_dir, seed=2, initializer_range=0.1, **TINY_SIZE)
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    flags = [f for f in CPU_FLAGS if f != "--no-merge"]
+    result = _invoke(["train", *flags, "--model", str(base), "--data", str(data), "--output-root",
+                      str(tmp_path / "runs"), "--run-name", "e2e", "--max-steps", "6"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "e2e"
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished"
+    check = record["merge"]["verification"]
+    assert check["passed"] and not check["adapter_is_noop"]
+    assert record["merge"]["lora_tensors_merged"] == 2 * (4 + 2)  # every attention module and expert tensor
+    assert (run / "merged" / "config.json").exists()
+
+    for quant in ("f16", "q8_0", "mxfp4"):
+        result = _invoke(["save-gguf", str(run), "--quant", quant, "--llama-cpp", str(llama_cpp_dir), "--json"])
+        assert result.exit_code == 0, result.output
+        gguf = run / "gguf" / f"e2e-{quant}.gguf"
+        assert gguf.exists() and gguf.stat().st_size > 0
+        report = json.loads((run / "gguf" / f"e2e-{quant}.gguf.report.json").read_text())
+        assert report["verification"]["passed"] and report["verification"]["generated"]
+    assert "<|start|>" in (run / "gguf" / "Modelfile").read_text()
