@@ -614,6 +614,14 @@ def _write_side_files(inputs: MergeInputs, work_dir: Path):
     return copied
 
 
+def _trained_probe_of(run_dir: Path | None) -> tuple[Path | None, bool]:
+    """The probe `swft-lite train` recorded in a run folder, and whether to gate on it (not for 4-bit training)."""
+    if run_dir is None or not (run_dir / TRAINED_PROBE_FILE).exists():
+        return None, False
+    run = _read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
+    return run_dir / TRAINED_PROBE_FILE, not run.get("profile", {}).get("load_in_4bit", False)
+
+
 def _fail_dir(work_dir: Path, out_dir: Path) -> Path:
     failed = out_dir.with_name(out_dir.name + ".failed")
     if failed.exists():
@@ -679,8 +687,9 @@ def merge_adapter(source: str | Path, *, base: str | Path | None = None, out: st
         report["verification"] = None
         if verify:
             log("Verifying: merged model vs base + adapter (PEFT, unmerged) on the probe tokens ...")
+            probe, gate = _trained_probe_of(inputs.run_dir)
             v = verify_merge(work_dir, inputs.base_dir, inputs.adapter_dir, device=device, dtype=dtype,
-                             thresholds=thresholds)
+                             thresholds=thresholds, trained_probe=probe, trained_gate=gate)
             report["verification"] = v
             log(format_verification(v))
             if not v["passed"]:
@@ -787,9 +796,85 @@ def _empty_cache(device):
         torch.cuda.empty_cache()
 
 
+# --- the model as it was trained -------------------------------------------------------------------------------
+# base + adapter as PEFT reads the saved files is one reading of the adapter; the model the training process held
+# (Unsloth's patched layers included) is the one that counts. `swft-lite train` records that model's top-K
+# log-probabilities on the probe tokens before it exits, and the merge is compared with them too: an adapter whose
+# files say something else than what was trained (a layout PEFT reads differently, say) fails here even though it
+# agrees with PEFT's own reading of it.
+TRAINED_PROBE_FILE = "trained_probe.safetensors"
+TRAINED_PROBE_TOPK = 32
+
+
+def capture_trained_probe(model, tokenizer, path: str | Path) -> dict:
+    """In the training process: the top-K log-probs of `model` (adapters live) at every probe position."""
+    import torch
+    from safetensors.torch import save_file
+
+    probes = probe_token_ids(tokenizer)
+    device = next(p.device for p in model.parameters())
+    old_env = os.environ.get("UNSLOTH_RETURN_LOGITS")
+    os.environ["UNSLOTH_RETURN_LOGITS"] = "1"  # Unsloth returns no logits during training unless asked
+    was_training = model.training
+    model.eval()
+    tensors = {}
+    try:
+        with torch.no_grad():
+            for i, ids in enumerate(probes):
+                logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+                if logits.shape != (len(ids), model.config.get_text_config().vocab_size):
+                    raise MergeError(f"the trained model returned logits of shape {tuple(logits.shape)}")
+                top = torch.log_softmax(logits, -1).topk(TRAINED_PROBE_TOPK, dim=-1)
+                tensors[f"ids_{i}"] = torch.tensor(ids, dtype=torch.int64)
+                tensors[f"topk_ids_{i}"] = top.indices.cpu()
+                tensors[f"topk_logprobs_{i}"] = top.values.cpu()
+    finally:
+        if old_env is None:
+            os.environ.pop("UNSLOTH_RETURN_LOGITS", None)
+        else:
+            os.environ["UNSLOTH_RETURN_LOGITS"] = old_env
+        model.train(was_training)
+    save_file(tensors, str(path))
+    return {"path": str(path), "probes": len(probes), "positions": sum(len(p) for p in probes),
+            "topk": TRAINED_PROBE_TOPK}
+
+
+def load_trained_probe(path: str | Path) -> tuple[list[list[int]], list, list]:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    n = len([k for k in t if k.startswith("ids_")])
+    return ([t[f"ids_{i}"].tolist() for i in range(n)], [t[f"topk_ids_{i}"] for i in range(n)],
+            [t[f"topk_logprobs_{i}"] for i in range(n)])
+
+
+def compare_with_trained(topk_ids: list, topk_logprobs: list, logits: list, top1_tolerance: float) -> dict:
+    """The merged model against the trained model's top-K: KL over the trained model's top-K tokens (both
+    renormalised there), and top-1 agreement (a different top-1 counts when the merged model rates the trained
+    top-1 within `top1_tolerance` of its own)."""
+    import torch
+
+    kls, agree, agree_tol, n = [], 0, 0, 0
+    for ids, lp, lg in zip(topk_ids, topk_logprobs, logits):
+        lg = lg.float()
+        ls = torch.log_softmax(lg, -1).gather(-1, ids)
+        p = torch.softmax(lp, -1)
+        kls.append((p * (torch.log_softmax(lp, -1) - torch.log_softmax(ls, -1))).sum(-1).clamp_min(0))
+        own = lg.argmax(-1)
+        agree += int((own == ids[:, 0]).sum())
+        regret = lg.gather(-1, own[:, None])[:, 0] - lg.gather(-1, ids[:, :1])[:, 0]
+        agree_tol += int((regret <= top1_tolerance).sum())
+        n += ids.shape[0]
+    kl = torch.cat(kls).sort().values
+    n_trim = math.ceil(KL_TRIM * n)
+    return {"positions": n, "kl_topk_mean": float(kl.mean()),
+            "kl_topk_mean_trimmed": float(kl[: n - n_trim].mean()) if n > n_trim else 0.0,
+            "top1_agreement": agree / n, "top1_agreement_tol": agree_tol / n}
+
+
 def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str | Path, *, device: str = "cpu",
                  dtype=None, probes: list[list[int]] | None = None, thresholds: dict | None = None,
-                 out_dtype=None) -> dict:
+                 out_dtype=None, trained_probe: str | Path | None = None, trained_gate: bool = True) -> dict:
     """Run the probe tokens through base + adapter (PEFT, unmerged) = the trained model, the base alone, PEFT's own
     merge_and_unload() of the same model with its weights rounded to the output dtype (the control: what a correct
     merge stored in bf16 costs in this model and precision), and the merged folder.
@@ -800,7 +885,11 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
                  (merged folder vs base + adapter),
              "adapter_effect": {same keys: base alone vs base + adapter}, "adapter_is_noop": bool,
              "control": {same keys: PEFT's own merge, rounded to bf16, vs base + adapter},
-             "vs_control": {same keys: merged folder vs that control}}.
+             "vs_control": {same keys: merged folder vs that control},
+             "vs_trained": compare_with_trained(...) or None}.
+    `trained_probe`: the file `capture_trained_probe` wrote in the training process; the merged model must then
+    also meet the same limits against it (`trained_gate`; off for a model trained on 4-bit weights, whose rounding
+    the bf16 merge does not share - the figures are still reported).
     Models are held one at a time (PEFT's merge happens in place), so a 20B check needs memory for one model."""
     import torch
     from peft import PeftModel
@@ -836,6 +925,12 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
 
     model = _load_causal_lm(merged_dir, device, dtype)
     merged_logits = _logits(model, probes, device)
+    trained = None
+    if trained_probe is not None:
+        t_probes, t_ids, t_logprobs = load_trained_probe(trained_probe)
+        t_logits = merged_logits if t_probes == probes else _logits(model, t_probes, device)
+        trained = compare_with_trained(t_ids, t_logprobs, t_logits, tol)
+        del t_logits
     del model
     _empty_cache(device)
     res = compare_logits(ref, merged_logits, tol)
@@ -853,11 +948,19 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
     if exact and not vs_control["kl_mean_trimmed"] <= th["vs_control_kl_max"]:
         failures.append(f"differs from PEFT's own merge: mean KL {vs_control['kl_mean_trimmed']:.3g} > "
                         f"{th['vs_control_kl_max']:g}")
+    if trained is not None and trained_gate:
+        if not trained["kl_topk_mean_trimmed"] <= kl_limit:
+            failures.append(f"differs from the model as trained: mean KL over its top-{TRAINED_PROBE_TOPK} "
+                            f"{trained['kl_topk_mean_trimmed']:.3g} > {kl_limit:.3g}")
+        if not trained["top1_agreement_tol"] >= top1_limit:
+            failures.append(f"differs from the model as trained: top-1 agreement {trained['top1_agreement_tol']:.3f} "
+                            f"< {top1_limit:.3g}")
     report = dict(res)
     report.update({"passed": not failures, "failures": failures, "thresholds": th, "kl_limit": kl_limit,
                    "top1_limit": top1_limit, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                    "probe_tokens": sum(len(p) for p in probes), "adapter_effect": effect,
-                   "adapter_is_noop": effect["kl_mean"] < NOOP_KL, "control": control, "vs_control": vs_control})
+                   "adapter_is_noop": effect["kl_mean"] < NOOP_KL, "control": control, "vs_control": vs_control,
+                   "vs_trained": trained, "vs_trained_gated": trained is not None and trained_gate})
     return report
 
 
@@ -878,4 +981,9 @@ def format_verification(v: dict) -> str:
         + (f", merged vs control KL <= {v['thresholds']['vs_control_kl_max']:g}" if v["dtype"] == "float32" else "")
         + "  ->  " + ("PASSED" if v["passed"] else "FAILED: " + "; ".join(v["failures"])),
     ]
+    t = v.get("vs_trained")
+    if t is not None:
+        lines.insert(-1, f"  merged vs the model as trained (top-{TRAINED_PROBE_TOPK} recorded by train): KL mean "
+                         f"{t['kl_topk_mean_trimmed']:.2e}, top-1 agreement {t['top1_agreement_tol']:.4f}"
+                         + ("" if v.get("vs_trained_gated") else "  (reported only: trained on 4-bit weights)"))
     return "\n".join(lines)

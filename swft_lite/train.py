@@ -508,7 +508,18 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
              f"Continue with the same command plus --resume --run-name {run_dir.name}")
         return run_dir
 
-    # 4. The adapter (the best one when eval data chose it), with tokenizer and chat template.
+    # 4. What the trained model computes on the merge check's probe tokens, recorded while it is still in memory:
+    #    the merge is compared with this, not only with PEFT's reading of the saved adapter.
+    from swft_lite.merge import TRAINED_PROBE_FILE, capture_trained_probe
+
+    try:
+        record["trained_probe"] = capture_trained_probe(trainer.model, tokenizer, run_dir / TRAINED_PROBE_FILE)
+    except Exception as exc:  # noqa: BLE001 - the run is not lost over it; the merge check says it is missing
+        record["trained_probe"] = {"error": f"{type(exc).__name__}: {exc}"}
+        echo(f"note: could not record the trained model's probe logits ({type(exc).__name__}: {exc}); the merge "
+             "will be checked against base + adapter only")
+
+    # 5. The adapter (the best one when eval data chose it), with tokenizer and chat template.
     adapter_dir = run_dir / "adapter"
     trainer.model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
@@ -516,7 +527,7 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
     echo(f"adapter: saved to {adapter_dir}")
     write_run_json(run_dir, record)
 
-    # 5. Merged 16-bit weights, verified against base + adapter before they are called done.
+    # 6. Merged 16-bit weights, verified against base + adapter and the trained model before they are called done.
     if options.merge:
         del trainer, model
         if torch.cuda.is_available():

@@ -211,6 +211,9 @@ def test_train_merge_and_export_end_to_end(tmp_path, shared_model_dir, llama_cpp
     assert check["passed"] and not check["adapter_is_noop"]
     assert record["merge"]["lora_tensors_merged"] == 2 * (4 + 2)  # every attention module and expert tensor
     assert (run / "merged" / "config.json").exists()
+    # the merge was also held against what the trained model computed before train exited (fp32: gated)
+    assert check["vs_trained_gated"] and check["vs_trained"]["top1_agreement_tol"] >= check["top1_limit"]
+    assert check["vs_trained"]["kl_topk_mean_trimmed"] <= check["kl_limit"]
 
     for quant in ("f16", "q8_0", "mxfp4"):
         result = _invoke(["save-gguf", str(run), "--quant", quant, "--llama-cpp", str(llama_cpp_dir), "--json"])
@@ -220,3 +223,20 @@ def test_train_merge_and_export_end_to_end(tmp_path, shared_model_dir, llama_cpp
         report = json.loads((run / "gguf" / f"e2e-{quant}.gguf.report.json").read_text())
         assert report["verification"]["passed"] and report["verification"]["generated"]
     assert "<|start|>" in (run / "gguf" / "Modelfile").read_text()
+
+    # An adapter file that no longer says what was trained - here the experts' lora_B rows rolled, as a packing
+    # that PEFT reads differently would - still agrees with PEFT's own reading of it, and only the record of the
+    # trained model catches it.
+    from safetensors.torch import load_file, save_file
+
+    weights_file = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights_file))
+    rolled = [k for k in tensors if "experts" in k and "lora_B" in k]
+    assert rolled
+    for k in rolled:
+        tensors[k] = tensors[k].roll(shifts=tensors[k].shape[0] // 4, dims=0).contiguous()
+    save_file(tensors, str(weights_file))
+    result = _invoke(["merge", str(run), "--out", str(tmp_path / "remerged"), "--json"])
+    assert result.exit_code == 1, result.output
+    assert "differs from the model as trained" in result.output
+    assert not (tmp_path / "remerged").exists()
