@@ -45,7 +45,7 @@ def _override_option(f: dataclasses.Field):
 
 
 def profile_options(func):
-    """Add --profile, one override flag per profile key, and --set KEY=VALUE."""
+    """Add one override flag per profile key (--lora-rank 8, --load-in-4bit/--no-load-in-4bit, ...) and --set."""
     for f in reversed([f for f in dataclasses.fields(Profile) if f.name not in _OVERRIDE_SKIP]):
         func = _override_option(f)(func)
     func = click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE",
