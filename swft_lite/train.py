@@ -254,7 +254,7 @@ def _callbacks(stop: _StopRequest, run_log: dict, counter: TokenCounter, tb_writ
                 run_log["interrupted_at_step"] = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kw):
-            # Runs before the TensorBoard callback (inserted first), so the numbers added here are logged there too.
+            # Adds tokens/s and peak memory to the trainer's logs, then writes them all to TensorBoard.
             if logs is None:
                 return
             now = time.perf_counter()
