@@ -175,6 +175,9 @@ def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None)
         dtype=dtype,
         full_finetuning=False,
         token=token,
+        # Load what was named: Unsloth otherwise maps gpt-oss names to its pre-quantized repos (see
+        # train.BF16_EQUIVALENT for why that layout does not merge back).
+        use_exact_model_name=True,
     )
     gc_mode = {"unsloth": "unsloth", "true": True, "false": False}[profile.gradient_checkpointing]
     model = FastLanguageModel.get_peft_model(

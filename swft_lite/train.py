@@ -93,8 +93,20 @@ def describe_changes(before: dict, now: dict) -> str:
     return "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
 
 
-def resolve_model(model: str) -> str:
+# openai/gpt-oss-20b on the hub stores its experts in MXFP4, which neither PEFT nor Unsloth trains through without
+# extra kernels; asked for it in 4 bits, Unsloth swaps in its pre-quantized bnb-4bit repo, whose experts are
+# per-expert Linear layers - a layout the fused base cannot take back in a merge, and one swft-lite's adapter check
+# rejects. The same weights in bf16 (Unsloth's own advice in unsloth_zoo) load as fused experts, quantize to NF4 when
+# asked, and are the base the merge folds the adapter into.
+BF16_EQUIVALENT = {"openai/gpt-oss-20b": "unsloth/gpt-oss-20b-BF16"}
+
+
+def resolve_model(model: str, echo=print) -> str:
     """A local folder becomes an absolute path (loaded with local files only); anything else is a hub id."""
+    if model in BF16_EQUIVALENT:
+        echo(f"model: {model} stores its experts in MXFP4; training starts from the same weights in bf16, "
+             f"{BF16_EQUIVALENT[model]} (also the base of the merge)")
+        return BF16_EQUIVALENT[model]
     p = Path(model).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
@@ -367,7 +379,7 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
     from swft_lite import data as data_mod
     from swft_lite.backends import choose_backend, import_unsloth
 
-    model_path = resolve_model(options.model)
+    model_path = resolve_model(options.model, echo)
     backend = choose_backend(options.backend)
     if backend == "unsloth":
         import_unsloth()  # before the data step imports transformers

@@ -237,3 +237,16 @@ def test_a_target_that_matched_nothing_stops_the_run(tiny_model_dir):
     with pytest.raises(BackendError, match="experts 'mlp.experts.gate_up_proj' \\(0 of 2 layers\\)"):
         inspect_adapters(model, load_profile("rtx4070", {"load_in_4bit": False,
                                                          "lora_targets": "attention+experts"}))
+
+
+def test_the_hub_default_trains_from_the_bf16_weights():
+    """openai/gpt-oss-20b (MXFP4 experts) is trained from Unsloth's bf16 copy of the same weights; other hub ids and
+    local folders are taken as given."""
+    from swft_lite.train import TrainError, resolve_model
+
+    said = []
+    assert resolve_model("openai/gpt-oss-20b", said.append) == "unsloth/gpt-oss-20b-BF16"
+    assert "MXFP4" in said[0] and "unsloth/gpt-oss-20b-BF16" in said[0]
+    assert resolve_model("someone/gpt-oss-20b-finetune", said.append) == "someone/gpt-oss-20b-finetune"
+    with pytest.raises(TrainError, match="no such folder"):
+        resolve_model("./not-here", said.append)
