@@ -51,7 +51,6 @@ def main() -> None:
     from swft_lite.data import DataOptions
 
     options = DataOptions(max_seq_length=args.tokens)
-    rng = random.Random(args.seed)
     lengths = []
     with args.out.open("w") as fh:
         for i in range(args.rows):

@@ -203,7 +203,7 @@ def train_cmd(profile_ref, set_values, **kwargs):
     --overwrite. Ctrl-C saves a checkpoint and stops; --resume --run-name NAME continues it. Any profile value can
     be overridden: --lora-rank 8, --max-seq-length 2048, or --set key=value.
     """
-    from swft_lite.train import TrainError, TrainOptions, train
+    from swft_lite.train import TrainOptions, train
 
     flags = pop_profile_flags(kwargs)
     if profile_ref is None:

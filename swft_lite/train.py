@@ -319,7 +319,7 @@ def _optimizer_name(profile: Profile) -> str:
     return profile.optimizer
 
 
-def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval: bool, backend: str):
+def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval: bool):
     import torch
     from trl import SFTConfig
 
@@ -402,9 +402,6 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
          (f", {len(prepared.eval)} eval rows" if prepared.eval is not None else "") +
          f"; {rep.get('dropped_overlong', 0)} dropped as longer than {profile.max_seq_length} tokens, "
          f"{rep.get('truncated', 0)} truncated")
-    if len(prepared.train) == 0:
-        raise TrainError("no training rows left after the length policy; raise --max-seq-length or use "
-                         "--overlong truncate")
 
     parts = fingerprint_parts(profile, options, rep)
     fp = fingerprint(parts)
@@ -465,7 +462,7 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
     from torch.utils.tensorboard import SummaryWriter
     from transformers import EarlyStoppingCallback, PrinterCallback
 
-    args = sft_config(profile, options, run_dir, prepared.eval is not None, backend)
+    args = sft_config(profile, options, run_dir, prepared.eval is not None)
     # A resumed run keeps the history it logged before it stopped.
     run_log: dict = {k: list(record.get(k, [])) for k in ("losses", "eval_losses", "tokens_per_second")}
     with _StopRequest() as stop:
