@@ -68,8 +68,12 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OF
 # part (start, imports, model load, first-step compile) and per-token training time.
 BUILD_SECONDS = {True: 120, False: 30}           # full shape / reduced depth (data is made meanwhile)
 DATA_SECONDS = 20
-RUN_FIXED_SECONDS = {"unsloth": 75, "hf": 60}
-RUN_TOKENS_PER_SECOND = {"unsloth": 5000, "hf": 1500}
+RUN_FIXED_SECONDS = {"unsloth": 75, "raw": 75, "hf": 60}
+RUN_TOKENS_PER_SECOND = {"unsloth": 5000, "raw": 5000, "hf": 1500}
+# backend -> the record's "stack" and the estimator's stack. "raw" is Unsloth as its own notebook drives it
+# (scripts/raw_unsloth.py): the baseline for swft-lite's wrapper cost; its records do not calibrate the estimate.
+RECORD_STACK = {"unsloth": "unsloth", "raw": "raw-unsloth", "hf": "hf"}
+ESTIMATE_STACK = {"unsloth": "unsloth", "raw": "unsloth", "hf": "hf"}
 
 
 # --- configs -------------------------------------------------------------------------------------------------------
@@ -79,7 +83,7 @@ RUN_TOKENS_PER_SECOND = {"unsloth": 5000, "hf": 1500}
 class Config:
     label: str                  # what was asked: "h100", "h100:load_in_4bit=true", "plan-20"
     profile: Profile
-    backend: str                # unsloth | hf
+    backend: str                # unsloth | raw | hf
     steps: int
     estimate: est.Estimate
     cap_gib: float              # memory cap = headroom limit of the profile's card
@@ -111,7 +115,7 @@ def resolve_spec(spec: str) -> Profile:
 def plan_configs(args, shape: est.ModelShape) -> list[Config]:
     specs = list(args.profiles or DEFAULT_PROFILES) + list(args.variants)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    configs, hf = [], []
+    configs, raw, hf = [], [], []
     for spec in specs:
         profile = resolve_spec(spec)
         if args.max_accum and profile.gradient_accumulation_steps > args.max_accum:
@@ -120,6 +124,8 @@ def plan_configs(args, shape: est.ModelShape) -> list[Config]:
         if "unsloth" in backends:
             e = est.estimate(profile, shape, stack="unsloth")
             configs.append(Config(spec, profile, "unsloth", args.steps, e, cap))
+        if "raw" in backends:
+            raw.append(Config(spec, profile, "raw", args.steps, est.estimate(profile, shape, stack="unsloth"), cap))
         if "hf" not in backends:
             continue
         e_hf = est.estimate(profile, shape, stack="hf")
@@ -129,7 +135,7 @@ def plan_configs(args, shape: est.ModelShape) -> list[Config]:
         if e_hf.total_gib > cap:
             c.run, c.reason = False, f"estimate {e_hf.total_gib:.1f} GiB allocated > {cap:g} GiB cap"
         hf.append(c)
-    return configs + hf  # the hf runs last: slower, and secondary
+    return configs + raw + hf  # the hf runs last: slower, and secondary
 
 
 def expected_seconds(c: Config) -> float:
@@ -155,6 +161,8 @@ def run_one(args) -> int:
     from swft_lite.train import TrainOptions, train
 
     profile = Profile(**json.loads(args.profile_json))
+    if args.backend == "raw":
+        return run_one_raw(args, profile, result, out)
     options = TrainOptions(model=args.model, data=args.data, max_steps=args.steps, merge=False,
                            backend=args.backend, output_root=args.output_root, run_name=args.run_name,
                            save_steps=10**6, logging_steps=1, overwrite=True)
@@ -191,6 +199,39 @@ def run_one(args) -> int:
     if result["status"] == "oom" and result.get("peak_allocated_gib") is None:
         result["peak_allocated_gib"] = result.get("max_allocated_gib_at_exit")
         result["peak_reserved_gib"] = result.get("max_reserved_gib_at_exit")
+    out.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def run_one_raw(args, profile: Profile, result: dict, out: Path) -> int:
+    """The same settings through raw Unsloth (scripts/raw_unsloth.py), under the same memory cap."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    t0 = time.perf_counter()
+    try:
+        from raw_unsloth import train_raw
+
+        raw = train_raw(args.model, args.data, seq=profile.max_seq_length, batch=profile.per_device_batch_size,
+                        accum=profile.gradient_accumulation_steps, steps=args.steps, rank=profile.lora_rank,
+                        alpha=profile.lora_alpha, targets=profile.lora_targets, four_bit=profile.load_in_4bit,
+                        optimizer=profile.optimizer, learning_rate=profile.learning_rate,
+                        gradient_checkpointing={"unsloth": "unsloth", "true": True,
+                                                "false": False}[profile.gradient_checkpointing])
+        result.update(status="ok", peak_allocated_gib=raw["peak_memory_gib"],
+                      peak_reserved_gib=raw["peak_reserved_gib"], tokens_per_second=raw["tokens_per_second_median"],
+                      tokens_per_second_samples=raw["tokens_per_second"], global_step=raw["global_step"],
+                      train_seconds=raw["train_seconds"], trainable_params=raw["trainable_params"],
+                      rows=raw["rows"], tokens_total=raw["tokens_total"])
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded result
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
+            result["status"] = "oom"
+            result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+            result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+        result["error"] = text[:2000]
+        print(f"bench: {result['status']}: {text[:500]}", file=sys.stderr)
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -335,10 +376,10 @@ def make_record(c: Config, res: dict, shape: est.ModelShape, args) -> dict:
     tokens_per_step = per_row * p.per_device_batch_size * p.gradient_accumulation_steps
     tps = res.get("tokens_per_second")
     measured = {"peak_allocated_gib": res.get("peak_allocated_gib"), "peak_reserved_gib": res.get("peak_reserved_gib")}
-    e = est.estimate(p, shape, stack=c.backend, tokens=per_row * p.per_device_batch_size)
+    e = est.estimate(p, shape, stack=ESTIMATE_STACK[c.backend], tokens=per_row * p.per_device_batch_size)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "gpu": res.get("gpu") or args.gpu_name,
-        "stack": c.backend, "model": shape.to_record(), "four_bit": p.load_in_4bit, "targets": p.lora_targets,
+        "stack": RECORD_STACK[c.backend], "model": shape.to_record(), "four_bit": p.load_in_4bit, "targets": p.lora_targets,
         "rank": p.lora_rank, "seq": per_row, "batch": p.per_device_batch_size,
         "grad_accum": p.gradient_accumulation_steps, "tokens_per_step": tokens_per_step, **measured,
         "tokens_per_second": None if tps is None else round(tps, 1),
@@ -354,8 +395,10 @@ def make_record(c: Config, res: dict, shape: est.ModelShape, args) -> dict:
         "headroom_limit_gib": c.cap_gib, "memory_fraction": res.get("memory_fraction"),
         "estimate_allocated_gib": e.total_gib, "estimate_reserved_gib": e.reserved_gib,
         "load_seconds": res.get("load_seconds"), "source": SOURCE,
-        "note": f"swft_lite.train.train, backend {c.backend}, {c.steps} steps, logging each step; tokens/s = median "
-                f"over steps after the first; peak MFU basis {args.peak_tflops:g} TFLOP/s",
+        "note": ("scripts/raw_unsloth.py train_raw" if c.backend == "raw" else
+                 f"swft_lite.train.train, backend {c.backend}")
+        + f", {c.steps} steps, logging each step; tokens/s = median over steps after the first; peak MFU basis "
+          f"{args.peak_tflops:g} TFLOP/s",
     }
 
 
@@ -394,7 +437,7 @@ def table(records: list[dict]) -> str:
                     f"{r['batch']}x{r['seq']}" + (f" x{r['grad_accum']}" if r.get("grad_accum", 1) > 1 else ""))
         alloc, res = r.get("peak_allocated_gib"), r.get("peak_reserved_gib")
         ea, er = r.get("estimate_allocated_gib"), r.get("estimate_reserved_gib")
-        if ea is None and r.get("status", "ok") == "ok":
+        if ea is None and r.get("status", "ok") == "ok" and r["stack"] in est.STACKS:
             e = est.record_estimate(r)
             ea, er = e.total_gib, e.reserved_gib
         err = "-" if not alloc or ea is None or r.get("status", "ok") != "ok" else f"{100 * (ea / alloc - 1):+.1f} %"
@@ -410,6 +453,26 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def comparisons(records: list[dict]) -> str:
+    """swft-lite's Unsloth path against raw Unsloth and against the hf backend, config by config (same label, same
+    settings), from the newest record of each (label, stack) that ran."""
+    newest: dict[tuple[str, str], dict] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("tokens_per_second") and r.get("source") == SOURCE:
+            newest[(r.get("profile"), r["stack"])] = r
+    lines = ["| config | swft-lite tokens/s | raw Unsloth tokens/s | swft-lite / raw | hf tokens/s | "
+             "swft-lite / hf |", "|---|---|---|---|---|---|"]
+    for (label, stack), ours in newest.items():
+        if stack != "unsloth":
+            continue
+        raw, hf = newest.get((label, "raw-unsloth")), newest.get((label, "hf"))
+        tps = ours["tokens_per_second"]
+        lines.append(f"| {label} | {tps:.0f} | {_fmt(raw and raw['tokens_per_second'], '.0f')} | "
+                     f"{_fmt(raw and tps / raw['tokens_per_second'], '.3f')} | "
+                     f"{_fmt(hf and hf['tokens_per_second'], '.0f')} | {_fmt(hf and tps / hf['tokens_per_second'], '.2f')} |")
+    return "\n".join(lines)
+
+
 def markdown(all_records: list[dict], new: list[dict]) -> str:
     gpu = next((r["gpu"] for r in new if r.get("gpu")), "?")
     parts = [
@@ -420,6 +483,8 @@ def markdown(all_records: list[dict], new: list[dict]) -> str:
         "steps after the first); MFU = 6 x active params x tokens/s / peak bf16 FLOP/s. The estimate is "
         "`swft_lite.estimate` with the coefficients in the code at the time of writing.", "",
         f"## Latest run ({new[0]['date'] if new else '-'}, {gpu})", "", table(new) if new else "(none)", "",
+        "## swft-lite against raw Unsloth and the hf backend (same settings, newest run of each)", "",
+        comparisons(all_records), "",
         "## All records", "", table(list(reversed(all_records))), "",
     ]
     return "\n".join(parts)
@@ -585,7 +650,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per unsloth run (logged every step)")
     ap.add_argument("--hf-steps", type=int, default=3, help="optimizer steps per hf run (slower stack)")
     ap.add_argument("--backends", default="unsloth,hf",
-                    help="unsloth, hf or both (default; hf runs where its estimated allocations fit the cap)")
+                    help="comma-separated: unsloth (swft-lite's path), raw (raw Unsloth, scripts/raw_unsloth.py, "
+                         "the wrapper-cost baseline), hf (runs where its estimated allocations fit the cap); "
+                         "default unsloth,hf")
     ap.add_argument("--max-accum", type=int, default=2,
                     help="cap gradient_accumulation_steps (default 2: gradients are live from the second micro-"
                          "batch on either way, so peak memory and tokens/s match the profile's 4 or 8 at a "

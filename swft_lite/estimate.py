@@ -465,8 +465,10 @@ def load_records(path: str | Path | None = None) -> list[dict]:
 
 
 def usable(record: dict) -> bool:
-    """A record that calibrates: it ran to completion and has a peak allocated figure."""
-    return record.get("status", "ok") == "ok" and record.get("peak_allocated_gib") is not None
+    """A record that calibrates: one of the estimator's stacks (not the raw-Unsloth baseline runs of
+    scripts/bench.py), run to completion, with a peak allocated figure."""
+    return (record.get("stack") in STACKS and record.get("status", "ok") == "ok"
+            and record.get("peak_allocated_gib") is not None)
 
 
 def record_profile(r: dict) -> Profile:
