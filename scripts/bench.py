@@ -66,10 +66,10 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OF
              "UNSLOTH_DISABLE_STATISTICS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Rough wall-clock costs used to plan within --time-budget (seconds): model build, one data file, one run's fixed
 # part (start, imports, model load, first-step compile) and per-token training time.
-BUILD_SECONDS = {True: 120, False: 30}           # full shape / reduced depth (data is made meanwhile)
+BUILD_SECONDS = {True: 90, False: 30}           # full shape / reduced depth (data is made meanwhile)
 DATA_SECONDS = 20
 RUN_FIXED_SECONDS = {"unsloth": 75, "raw": 75, "hf": 60}
-RUN_TOKENS_PER_SECOND = {"unsloth": 5000, "raw": 5000, "hf": 1500}
+RUN_TOKENS_PER_SECOND = {"unsloth": 10000, "raw": 10000, "hf": 2000}
 # backend -> the record's "stack" and the estimator's stack. "raw" is Unsloth as its own notebook drives it
 # (scripts/raw_unsloth.py): the baseline for swft-lite's wrapper cost; its records do not calibrate the estimate.
 RECORD_STACK = {"unsloth": "unsloth", "raw": "raw-unsloth", "hf": "hf"}
@@ -406,10 +406,11 @@ def skipped_record(c: Config, shape: est.ModelShape, args, reason: str, status: 
     return make_record(c, {"status": status, "reason": reason}, shape, args)
 
 
-def write_outputs(new: list[dict], args) -> tuple[Path, Path]:
+def write_outputs(base: dict, new: list[dict], args) -> tuple[Path, Path]:
+    """The results file as it was when the bench started (`base`) plus this run's records; written after every
+    run, so a bench stopped from outside keeps what it measured."""
     results = Path(args.results)
-    doc = json.loads(results.read_text()) if results.exists() else {"schema": 1, "records": []}
-    doc["records"].extend(new)
+    doc = {**base, "records": base["records"] + new}
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(doc, indent=1) + "\n")
     md = Path(args.markdown)
@@ -555,10 +556,12 @@ def main_parent(args) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir)
     records: list[dict] = []
+    results_path = Path(args.results)
+    base = json.loads(results_path.read_text()) if results_path.exists() else {"schema": 1, "records": []}
 
     def finish(code: int) -> int:
         if records:
-            results, md = write_outputs(records, args)
+            results, md = write_outputs(base, records, args)
             print("\n" + table(records))
             print(f"\nbench: {len(records)} records appended to {results}; table in {md}; {clock.elapsed:.0f} s")
             try:
@@ -631,6 +634,7 @@ def main_parent(args) -> int:
                                           f"child exited {rc}: {tail(logs / f'{c.key}.log', 3)}"}
         rec = make_record(c, res, shape, args)
         records.append(rec)
+        write_outputs(base, records, args)
         print(f"bench: {c.key}: {rec['status']} in {secs:.0f} s: peak {rec['peak_allocated_gib']} "
               f"({rec['peak_reserved_gib']}) GiB, {rec['tokens_per_second']} tokens/s, estimate "
               f"{rec['estimate_allocated_gib']} ({rec['estimate_reserved_gib']})")

@@ -269,15 +269,15 @@ class Coefficients:
 # Fitted by `fit(load_records())` on benchmarks/results.json (tests/test_estimate.py checks they still are).
 # Refit: python -m swft_lite.estimate --refit   (prints this block).
 COEFFICIENTS: dict[str, Coefficients] = {
-    "unsloth": Coefficients(logit_bytes=5.5, act_mult=1.5, overhead_gib=0.1, reserved_frac=0.1, records=6,
-                            max_error=0.069),
-    "hf": Coefficients(logit_bytes=0.0, act_mult=6.0, overhead_gib=0.4, reserved_frac=1.6, records=3,
-                            max_error=0.004),
+    "unsloth": Coefficients(logit_bytes=1.5, act_mult=1.0, overhead_gib=0.25, reserved_frac=0.9, records=10,
+                            max_error=0.0211),
+    "hf": Coefficients(logit_bytes=9.25, act_mult=1.0, overhead_gib=0.15, reserved_frac=0.9, records=3,
+                            max_error=0.0228),
 }
 
 # The grid `fit` searches (bounds keep the terms physical: at least one layer's activations are live, at most fp32
 # logits plus their fp32 gradient).
-_GRID_LOGIT_BYTES = [i * 0.25 for i in range(0, 33)]        # 0 .. 8
+_GRID_LOGIT_BYTES = [i * 0.25 for i in range(0, 49)]        # 0 .. 12
 _GRID_ACT_MULT = [1.0 + i * 0.25 for i in range(0, 21)]       # 1 .. 6
 _GRID_OVERHEAD = [round(0.1 + i * 0.05, 2) for i in range(0, 39)]  # 0.1 .. 2.0 GiB
 
@@ -466,8 +466,9 @@ def load_records(path: str | Path | None = None) -> list[dict]:
 
 def usable(record: dict) -> bool:
     """A record that calibrates: one of the estimator's stacks (not the raw-Unsloth baseline runs of
-    scripts/bench.py), run to completion, with a peak allocated figure."""
-    return (record.get("stack") in STACKS and record.get("status", "ok") == "ok"
+    scripts/bench.py), run to completion, with a peak allocated figure, and not marked `"calibrates": false`
+    (with its reason in "why_not")."""
+    return (record.get("stack") in STACKS and record.get("status", "ok") == "ok" and record.get("calibrates", True)
             and record.get("peak_allocated_gib") is not None)
 
 
