@@ -3,6 +3,7 @@
     python scripts/bench.py --dry-run                          the plan: configs, estimates, memory caps, time
     python scripts/bench.py                                    rtx4070, rtx4090 (= rtx3090's settings), h100
     python scripts/bench.py h100:load_in_4bit=true plan-20     extra variants: PROFILE:key=value,... or plan-GIB
+    python scripts/bench.py --backends raw                     the same configs through raw Unsloth
     python scripts/bench.py --layers 2 --steps 3               a quick smoke test on a 2-layer model
 
 What it does, in one command (keep it under the device's 10-minute limit: --time-budget, default 540 s):
@@ -14,7 +15,9 @@ What it does, in one command (keep it under the device's 10-minute limit: --time
    headroom limit (torch.cuda.set_per_process_memory_fraction before any CUDA allocation: 14.5 GiB for a 16 GB
    profile, 22.5 for 24 GB, 76 for 80 GB), so a profile that passes here cannot exceed that on the real card, then
    calls swft_lite.train.train(...) - the same code `swft-lite train` runs - with --no-merge and a few steps;
-   the same settings go through the plain `hf` backend where the estimate says its allocations fit the cap;
+   the same settings go through the plain `hf` backend where the estimate says its allocations fit the cap, and
+   with `--backends raw` through raw Unsloth (scripts/raw_unsloth.py, no swft-lite code in the loop: the
+   wrapper's cost);
    an out-of-memory is recorded as a result ("oom"), not a crash, and a config that no longer fits in the time
    budget is recorded as "skipped";
 4. appends one record per run to benchmarks/results.json (the schema of the calibration records, source
@@ -438,8 +441,9 @@ def table(records: list[dict]) -> str:
                     f"{r['batch']}x{r['seq']}" + (f" x{r['grad_accum']}" if r.get("grad_accum", 1) > 1 else ""))
         alloc, res = r.get("peak_allocated_gib"), r.get("peak_reserved_gib")
         ea, er = r.get("estimate_allocated_gib"), r.get("estimate_reserved_gib")
-        if ea is None and r.get("status", "ok") == "ok" and r["stack"] in est.STACKS:
-            e = est.record_estimate(r)
+        if r.get("status", "ok") == "ok" and r["stack"] in ESTIMATE_STACK.values() or r["stack"] == "raw-unsloth":
+            # today's coefficients, not those of the day the record was made
+            e = est.record_estimate({**r, "stack": "unsloth" if r["stack"] == "raw-unsloth" else r["stack"]})
             ea, er = e.total_gib, e.reserved_gib
         err = "-" if not alloc or ea is None or r.get("status", "ok") != "ok" else f"{100 * (ea / alloc - 1):+.1f} %"
         lines.append("| " + " | ".join([
@@ -474,6 +478,43 @@ def comparisons(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def shipped_profile_runs(records: list[dict]) -> list[tuple[Profile, dict | None]]:
+    """Each shipped profile with the newest full-shape swft-lite run at its exact settings (gradient accumulation
+    aside, see --max-accum), or None."""
+    from swft_lite.profiles import shipped_profile_names
+
+    out = []
+    for name in shipped_profile_names():
+        p = load_profile(name)
+        match = None
+        for r in records:
+            if (r.get("source") == SOURCE and r["stack"] == "unsloth" and r.get("status") == "ok"
+                    and r["model"] == est.DEFAULT_SHAPE.to_record() and r["four_bit"] == p.load_in_4bit
+                    and r["targets"] == p.lora_targets and r["rank"] == p.lora_rank
+                    and r["batch"] == p.per_device_batch_size and r.get("max_seq_length") == p.max_seq_length
+                    and r.get("gradient_checkpointing") == p.gradient_checkpointing):
+                match = r
+        out.append((p, match))
+    return out
+
+
+def profiles_table(records: list[dict]) -> str:
+    lines = ["| profile | settings | measured peak alloc (reserved) GiB | limit GiB | estimate GiB | tokens/s | MFU "
+             "| measured on |", "|---|---|---|---|---|---|---|---|"]
+    for p, r in shipped_profile_runs(records):
+        settings = (f"{'4-bit' if p.load_in_4bit else 'bf16'} r{p.lora_rank} {p.lora_targets}, "
+                    f"{p.per_device_batch_size}x{p.max_seq_length}, recomputation {p.gradient_checkpointing}")
+        if r is None:
+            lines.append(f"| {p.name} | {settings} | not measured | - | - | - | - | - |")
+            continue
+        e = est.record_estimate(r)
+        lines.append(f"| {p.name} | {settings} | {r['peak_allocated_gib']:.2f} ({_fmt(r['peak_reserved_gib'], '.2f')})"
+                     f" | {r['headroom_limit_gib']:g} | {e.total_gib:.2f} ({100 * (e.total_gib / r['peak_allocated_gib'] - 1):+.1f} %)"
+                     f" | {r['tokens_per_second']:.0f} | {_fmt(r.get('mfu') and 100 * r['mfu'], '.1f')} % "
+                     f"| {r['gpu']}, {r['date']} (as '{r['profile']}') |")
+    return "\n".join(lines)
+
+
 def markdown(all_records: list[dict], new: list[dict]) -> str:
     gpu = next((r["gpu"] for r in new if r.get("gpu")), "?")
     parts = [
@@ -483,6 +524,9 @@ def markdown(all_records: list[dict], new: list[dict]) -> str:
         "during the run with `torch.cuda.set_per_process_memory_fraction`. tokens/s counts real tokens (median over "
         "steps after the first); MFU = 6 x active params x tokens/s / peak bf16 FLOP/s. The estimate is "
         "`swft_lite.estimate` with the coefficients in the code at the time of writing.", "",
+        "## The shipped profiles, measured", "",
+        "Each profile at its own settings on the full gpt-oss-20b shape, with GPU memory capped at its card's "
+        "headroom limit (newest matching run).", "", profiles_table(all_records), "",
         f"## Latest run ({new[0]['date'] if new else '-'}, {gpu})", "", table(new) if new else "(none)", "",
         "## swft-lite against raw Unsloth and the hf backend (same settings, newest run of each)", "",
         comparisons(all_records), "",
