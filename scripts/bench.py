@@ -382,7 +382,8 @@ def make_record(c: Config, res: dict, shape: est.ModelShape, args) -> dict:
     e = est.estimate(p, shape, stack=ESTIMATE_STACK[c.backend], tokens=per_row * p.per_device_batch_size)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "gpu": res.get("gpu") or args.gpu_name,
-        "stack": RECORD_STACK[c.backend], "model": shape.to_record(), "four_bit": p.load_in_4bit, "targets": p.lora_targets,
+        "stack": RECORD_STACK[c.backend], "model": shape.to_record(), "four_bit": p.load_in_4bit,
+        "targets": p.lora_targets,
         "rank": p.lora_rank, "seq": per_row, "batch": p.per_device_batch_size,
         "grad_accum": p.gradient_accumulation_steps, "tokens_per_step": tokens_per_step, **measured,
         "tokens_per_second": None if tps is None else round(tps, 1),
@@ -441,7 +442,7 @@ def table(records: list[dict]) -> str:
                     f"{r['batch']}x{r['seq']}" + (f" x{r['grad_accum']}" if r.get("grad_accum", 1) > 1 else ""))
         alloc, res = r.get("peak_allocated_gib"), r.get("peak_reserved_gib")
         ea, er = r.get("estimate_allocated_gib"), r.get("estimate_reserved_gib")
-        if r.get("status", "ok") == "ok" and r["stack"] in ESTIMATE_STACK.values() or r["stack"] == "raw-unsloth":
+        if r.get("status", "ok") == "ok" and r["stack"] in RECORD_STACK.values():
             # today's coefficients, not those of the day the record was made
             e = est.record_estimate({**r, "stack": "unsloth" if r["stack"] == "raw-unsloth" else r["stack"]})
             ea, er = e.total_gib, e.reserved_gib
@@ -474,7 +475,8 @@ def comparisons(records: list[dict]) -> str:
         tps = ours["tokens_per_second"]
         lines.append(f"| {label} | {tps:.0f} | {_fmt(raw and raw['tokens_per_second'], '.0f')} | "
                      f"{_fmt(raw and tps / raw['tokens_per_second'], '.3f')} | "
-                     f"{_fmt(hf and hf['tokens_per_second'], '.0f')} | {_fmt(hf and tps / hf['tokens_per_second'], '.2f')} |")
+                     f"{_fmt(hf and hf['tokens_per_second'], '.0f')} | "
+                     f"{_fmt(hf and tps / hf['tokens_per_second'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -508,8 +510,9 @@ def profiles_table(records: list[dict]) -> str:
             lines.append(f"| {p.name} | {settings} | not measured | - | - | - | - | - |")
             continue
         e = est.record_estimate(r)
+        err = 100 * (e.total_gib / r["peak_allocated_gib"] - 1)
         lines.append(f"| {p.name} | {settings} | {r['peak_allocated_gib']:.2f} ({_fmt(r['peak_reserved_gib'], '.2f')})"
-                     f" | {r['headroom_limit_gib']:g} | {e.total_gib:.2f} ({100 * (e.total_gib / r['peak_allocated_gib'] - 1):+.1f} %)"
+                     f" | {r['headroom_limit_gib']:g} | {e.total_gib:.2f} ({err:+.1f} %)"
                      f" | {r['tokens_per_second']:.0f} | {_fmt(r.get('mfu') and 100 * r['mfu'], '.1f')} % "
                      f"| {r['gpu']}, {r['date']} (as '{r['profile']}') |")
     return "\n".join(lines)

@@ -275,8 +275,8 @@ COEFFICIENTS: dict[str, Coefficients] = {
                             max_error=0.0228),
 }
 
-# The grid `fit` searches (bounds keep the terms physical: at least one layer's activations are live, at most fp32
-# logits plus their fp32 gradient).
+# The grid `fit` searches (bounds keep the terms physical: at least one layer's activations are live; at most bf16
+# logits, their fp32 copy and its fp32 gradient, 10 bytes a logit, plus slack - the hf stack fits 9.25).
 _GRID_LOGIT_BYTES = [i * 0.25 for i in range(0, 49)]        # 0 .. 12
 _GRID_ACT_MULT = [1.0 + i * 0.25 for i in range(0, 21)]       # 1 .. 6
 _GRID_OVERHEAD = [round(0.1 + i * 0.05, 2) for i in range(0, 39)]  # 0.1 .. 2.0 GiB
