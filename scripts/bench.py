@@ -215,12 +215,13 @@ def run_one_raw(args, profile: Profile, result: dict, out: Path) -> int:
     try:
         from raw_unsloth import train_raw
 
+        from swft_lite.backends import unsloth_gradient_checkpointing
+
         raw = train_raw(args.model, args.data, seq=profile.max_seq_length, batch=profile.per_device_batch_size,
                         accum=profile.gradient_accumulation_steps, steps=args.steps, rank=profile.lora_rank,
                         alpha=profile.lora_alpha, targets=profile.lora_targets, four_bit=profile.load_in_4bit,
                         optimizer=profile.optimizer, learning_rate=profile.learning_rate,
-                        gradient_checkpointing={"unsloth": "unsloth", "true": True,
-                                                "false": False}[profile.gradient_checkpointing])
+                        gradient_checkpointing=unsloth_gradient_checkpointing(profile))
         result.update(status="ok", peak_allocated_gib=raw["peak_memory_gib"],
                       peak_reserved_gib=raw["peak_reserved_gib"], tokens_per_second=raw["tokens_per_second_median"],
                       tokens_per_second_samples=raw["tokens_per_second"], global_step=raw["global_step"],
@@ -481,22 +482,14 @@ def comparisons(records: list[dict]) -> str:
 
 
 def shipped_profile_runs(records: list[dict]) -> list[tuple[Profile, dict | None]]:
-    """Each shipped profile with the newest full-shape swft-lite run at its exact settings (gradient accumulation
-    aside, see --max-accum), or None."""
+    """Each shipped profile with the newest full-shape swft-lite run at its exact settings, or None."""
     from swft_lite.profiles import shipped_profile_names
 
     out = []
     for name in shipped_profile_names():
         p = load_profile(name)
-        match = None
-        for r in records:
-            if (r.get("source") == SOURCE and r["stack"] == "unsloth" and r.get("status") == "ok"
-                    and r["model"] == est.DEFAULT_SHAPE.to_record() and r["four_bit"] == p.load_in_4bit
-                    and r["targets"] == p.lora_targets and r["rank"] == p.lora_rank
-                    and r["batch"] == p.per_device_batch_size and r.get("max_seq_length") == p.max_seq_length
-                    and r.get("gradient_checkpointing") == p.gradient_checkpointing):
-                match = r
-        out.append((p, match))
+        runs = est.bench_runs(p, records)
+        out.append((p, runs[-1] if runs else None))
     return out
 
 

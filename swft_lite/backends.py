@@ -162,6 +162,11 @@ def import_unsloth():
     return unsloth
 
 
+def unsloth_gradient_checkpointing(profile: Profile):
+    """The profile's gradient_checkpointing as get_peft_model's use_gradient_checkpointing takes it."""
+    return {"unsloth": "unsloth", "true": True, "false": False}[profile.gradient_checkpointing]
+
+
 def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None):
     """Unsloth's FastLanguageModel: 4-bit or bf16 weights, LoRA with Unsloth's gradient checkpointing."""
     import_unsloth()
@@ -179,10 +184,9 @@ def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None)
         # train.BF16_EQUIVALENT for why that layout does not merge back).
         use_exact_model_name=True,
     )
-    gc_mode = {"unsloth": "unsloth", "true": True, "false": False}[profile.gradient_checkpointing]
     model = FastLanguageModel.get_peft_model(
         model,
-        use_gradient_checkpointing=gc_mode,
+        use_gradient_checkpointing=unsloth_gradient_checkpointing(profile),
         random_state=3407,
         max_seq_length=profile.max_seq_length,
         **lora_kwargs(profile),

@@ -472,6 +472,17 @@ def usable(record: dict) -> bool:
             and record.get("peak_allocated_gib") is not None)
 
 
+def bench_runs(profile: Profile, records: list[dict]) -> list[dict]:
+    """The scripts/bench.py runs of swft-lite's Unsloth path on the full gpt-oss-20b shape at `profile`'s exact
+    settings (gradient accumulation aside: bench caps it, see its --max-accum) that ran to the end, oldest first."""
+    return [r for r in records
+            if r.get("source") == "scripts/bench.py" and r["stack"] == "unsloth" and r.get("status") == "ok"
+            and r["model"] == DEFAULT_SHAPE.to_record() and r["four_bit"] == profile.load_in_4bit
+            and r["targets"] == profile.lora_targets and r["rank"] == profile.lora_rank
+            and r["batch"] == profile.per_device_batch_size and r.get("max_seq_length") == profile.max_seq_length
+            and r.get("gradient_checkpointing") == profile.gradient_checkpointing]
+
+
 def record_profile(r: dict) -> Profile:
     """The settings of a measurement as a Profile (tokens per row = the real `seq` of the record)."""
     return Profile(name=r.get("profile") or "measured", max_seq_length=int(r["seq"]),
