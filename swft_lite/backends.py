@@ -202,4 +202,47 @@ def load_for_training(backend: str, model_path: str, profile: Profile):
     else:
         model, tokenizer = load_hf(model_path, profile, token=token,
                                    gradient_checkpointing=profile.gradient_checkpointing != "false")
+        if profile.packing:
+            enable_packed_attention(model)
     return model, tokenizer, inspect_adapters(model, profile)
+
+
+def _gpt_oss_decoder(model):
+    """The GptOssModel inside a causal-LM model, a PEFT wrapper or not."""
+    for module in model.modules():
+        if type(module).__name__ == "GptOssModel":
+            return module
+    raise BackendError(f"packing needs a gpt-oss model; {type(model).__name__} holds no GptOssModel")
+
+
+def enable_packed_attention(model) -> None:
+    """Make attention keep packed rows apart on the hf backend.
+
+    transformers 5.17 builds a per-row ("packed sequence") mask from position ids that restart, but gpt-oss's
+    GptOssModel.forward does not hand its position ids to the mask builders, so packed rows would attend to each
+    other. This hook builds gpt-oss's own two masks (full causal, and the 128-token sliding window) with the position
+    ids given, through the same masking_utils functions; the sinks are a per-head logit outside the mask and stay
+    per row. Only when position ids are given without an attention mask or a cache (a packed training batch)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    decoder = _gpt_oss_decoder(model)
+    if getattr(decoder, "_swft_packed_attention", False):
+        return
+
+    def hook(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        if positions is None or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
+            return None
+        source = kwargs.get("inputs_embeds")
+        if source is None:
+            source = kwargs.get("input_ids", args[0] if args else None)
+        # The mask builders read only the shape, dtype and device of the embeddings.
+        like = module.embed_tokens.weight.new_empty((source.shape[0], source.shape[1], 1))
+        mask_kwargs = {"config": module.config, "inputs_embeds": like, "attention_mask": None,
+                       "past_key_values": None, "position_ids": positions}
+        kwargs["attention_mask"] = {"full_attention": create_causal_mask(**mask_kwargs),
+                                    "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+        return args, kwargs
+
+    decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    decoder._swft_packed_attention = True

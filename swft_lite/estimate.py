@@ -412,11 +412,11 @@ def estimate(profile: Profile, shape: ModelShape | None = None, *, stack: str = 
              coefficients: Coefficients | None = None, tokens: int | None = None) -> Estimate:
     """Peak GPU memory of training `profile` on `shape` (default gpt-oss-20b), against `card_gib` (default: the
     profile's vram_budget_gib) minus headroom. `capability` below (8, 0) means no bf16: activations in fp32.
-    `tokens` overrides batch x max_seq_length (measured runs whose rows are shorter than the cap)."""
+    `tokens` overrides the profile's tokens per pass (measured runs whose rows are shorter than the cap)."""
     shape = shape or DEFAULT_SHAPE
     c = coefficients or COEFFICIENTS[stack]
     dtype_bytes = FP32 if (capability is not None and tuple(capability) < (8, 0)) else BF16
-    T = tokens if tokens is not None else profile.per_device_batch_size * profile.max_seq_length
+    T = tokens if tokens is not None else profile.tokens_per_pass
     t = _terms(profile, shape, stack, T, dtype_bytes)
     alloc, phase, transient, grads = _peak(t, c)
     reserved = alloc + c.reserved_frac * transient

@@ -59,6 +59,12 @@ class Profile:
     # Batching and memory.
     per_device_batch_size: int = _f(1, "Rows per forward pass.", min=1, max=4096)
     gradient_accumulation_steps: int = _f(8, "Forward passes per optimizer step.", min=1, max=4096)
+    token_budget: int = _f(0, "Tokens per forward pass: rows of similar length are grouped and each pass holds as "
+                           "many as fit (rows x longest row <= token_budget, or their sum with packing). 0 = off: "
+                           "per_device_batch_size rows per pass, as many tokens as they happen to have.",
+                           min=0, max=1048576)
+    packing: bool = _f(False, "Pack several rows into one sequence of up to token_budget tokens (no padding), with "
+                       "position ids restarting per row and attention kept within each row. Needs token_budget.")
     gradient_checkpointing: str = _f("unsloth", "Activation recomputation: 'unsloth' (offloads to CPU RAM), "
                                      "'true' (plain recomputation) or 'false' (fastest, most memory).",
                                      choices=("unsloth", "true", "false"))
@@ -88,9 +94,14 @@ class Profile:
         return self.per_device_batch_size * self.gradient_accumulation_steps
 
     @property
+    def tokens_per_pass(self) -> int:
+        """Upper bound on the tokens of one forward pass (a micro-batch), padding included."""
+        return self.token_budget or self.per_device_batch_size * self.max_seq_length
+
+    @property
     def tokens_per_step(self) -> int:
         """Upper bound on the tokens one optimizer step trains."""
-        return self.effective_batch_size * self.max_seq_length
+        return self.tokens_per_pass * self.gradient_accumulation_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,8 +263,14 @@ def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
 
 
 def _check_consistency(p: Profile, where: str, sources: dict[str, str] | None = None) -> None:
+    src = sources or {}
+    if p.packing and p.token_budget == 0:
+        raise ProfileError(f"{where}: key 'packing' (from {src.get('packing', 'the defaults')}) needs a "
+                           "'token_budget' (the length of a packed sequence), but token_budget is 0; set it, e.g. "
+                           f"token_budget = {p.max_seq_length}")
+    if p.token_budget and p.token_budget < 128:
+        raise ProfileError(f"{where}: key 'token_budget' must be 0 (off) or >= 128, got {p.token_budget}")
     if p.lr_scheduler == "cosine_with_min_lr" and p.min_learning_rate >= p.learning_rate:
-        src = sources or {}
         raise ProfileError(f"{where}: key 'min_learning_rate' ({p.min_learning_rate:g}, from "
                            f"{src.get('min_learning_rate', 'the defaults')}) must be below 'learning_rate' "
                            f"({p.learning_rate:g}, from {src.get('learning_rate', 'the defaults')})")

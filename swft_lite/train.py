@@ -74,6 +74,12 @@ class TrainOptions:
 _FINGERPRINT_OPTIONS = ("model", "eval_fraction", "seed", "mask", "overlong", "reasoning_effort", "date")
 
 
+def row_length_limit(profile: Profile) -> int:
+    """The longest row a run keeps: max_seq_length, or the token budget when that is smaller (a row must fit a
+    pass); longer rows follow --overlong."""
+    return min(profile.max_seq_length, profile.token_budget) if profile.token_budget else profile.max_seq_length
+
+
 def fingerprint_parts(profile: Profile, options: TrainOptions, data_report: dict) -> dict:
     """Everything that decides what a run trains, flat, so a changed value can be named."""
     parts = {f"profile.{k}": v for k, v in profile.to_dict().items() if k not in ("description", "source")}
@@ -392,7 +398,7 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
 
     # 1. Data: every row is validated before a model is touched; a bad row stops the run here.
     data_opts = data_mod.DataOptions(
-        max_seq_length=profile.max_seq_length, mask=options.mask, overlong=options.overlong,
+        max_seq_length=row_length_limit(profile), mask=options.mask, overlong=options.overlong,
         reasoning_effort=options.reasoning_effort, date=options.date, eval_fraction=options.eval_fraction,
         seed=options.seed, num_proc=options.num_proc)
     echo(f"data: checking and rendering {options.data or 'data/processed/train.jsonl'} (harmony, mask={options.mask})")
@@ -459,6 +465,9 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
     # 3. Train.
     import torch
     from trl import SFTTrainer
+
+    from swft_lite.batching import (EpochBatchSampler, batching_mode, collator_for, dataset_lengths, plan_batches,
+                                    with_batch_sampler)
     from torch.utils.tensorboard import SummaryWriter
     from transformers import EarlyStoppingCallback, PrinterCallback
 
@@ -467,9 +476,15 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
     run_log: dict = {k: list(record.get(k, [])) for k in ("losses", "eval_losses", "tokens_per_second")}
     with _StopRequest() as stop:
         tb_writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                             processing_class=tokenizer)
+        trainer = with_batch_sampler(SFTTrainer)(model=model, args=args, train_dataset=prepared.train,
+                                                 eval_dataset=prepared.eval, processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)
+        mode = batching_mode(profile)
+        if mode != "fixed":
+            batches, _ = plan_batches(dataset_lengths(trainer.train_dataset), mode,
+                                      token_budget=profile.token_budget, seed=options.seed)
+            trainer.swft_batch_sampler = EpochBatchSampler(batches, options.seed)
+            trainer.data_collator = collator_for(mode, tokenizer.pad_token_id)
         counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training)
         trainer.data_collator = counter
         trainer.add_callback(_callbacks(stop, run_log, counter, tb_writer))

@@ -1,0 +1,273 @@
+"""Micro-batches that are full: length-bucketed token budgets, and packing that keeps rows apart.
+
+Each forward pass costs a fixed amount whatever it holds (measured on the full gpt-oss-20b shape under Unsloth:
+~0.27 s a pass plus ~2.7e-5 s a token), so a chat of 2,300 tokens in a pass sized for 8,192 pays for four. Two
+ways to fill a pass, chosen by the profile:
+
+- token budget (`token_budget`, `packing = false`): rows are sorted by length and cut greedily into micro-batches
+  of as many rows as fit `rows x longest row <= token_budget`; rows of similar length sit together, so padding
+  stays small. The number of rows per micro-batch varies.
+- packing (`token_budget`, `packing = true`): rows are packed best-fit-decreasing into sequences of at most
+  `token_budget` tokens, one sequence per micro-batch, no padding. Position ids restart at 0 for every row; the
+  attention implementation (backends) builds a mask that keeps each row to itself, sliding window and sinks
+  included, so every row computes exactly what it computes alone (tests/test_batching.py proves it).
+
+The batches are fixed for the run (they depend only on the row lengths and --seed); their order is shuffled per
+epoch with `seed + epoch`. So a resumed run, which skips the batches already trained in its epoch, continues with
+exactly the next batch an uninterrupted run would have taken.
+
+Loss normalisation: transformers' Trainer counts the trained tokens of all micro-batches of an optimizer step
+(`num_items_in_batch`) and gpt-oss's loss divides its sum by that count, so a step's gradient is the mean over its
+trained tokens however the rows are spread over micro-batches (tested: equal to the rows one at a time).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What the batches of one epoch hold; printed before training and stored in run.json."""
+
+    mode: str                 # "fixed" | "budget" | "packed"
+    rows: int
+    micro_batches: int
+    tokens: int               # real tokens of the kept rows
+    padded_tokens: int        # tokens the passes compute, padding included
+    token_budget: int | None  # None for "fixed"
+    max_rows_per_batch: int
+
+    @property
+    def padding_fraction(self) -> float:
+        return 0.0 if not self.padded_tokens else 1.0 - self.tokens / self.padded_tokens
+
+    @property
+    def fill_fraction(self) -> float | None:
+        """Real tokens per pass over the budget: how full the passes are."""
+        if not self.token_budget or not self.micro_batches:
+            return None
+        return self.tokens / (self.micro_batches * self.token_budget)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "rows": self.rows, "micro_batches": self.micro_batches, "tokens": self.tokens,
+                "padded_tokens": self.padded_tokens, "token_budget": self.token_budget,
+                "max_rows_per_batch": self.max_rows_per_batch,
+                "padding_fraction": round(self.padding_fraction, 4),
+                "fill_fraction": None if self.fill_fraction is None else round(self.fill_fraction, 4)}
+
+
+def budget_batches(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
+    """Rows sorted by length (ties broken by a seeded shuffle), cut greedily so that rows x longest <= budget."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: lengths[i])  # stable: equal lengths keep the shuffled order
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = lengths[i]
+        if n > budget:
+            raise ValueError(f"row {i} has {n} tokens, more than the token budget {budget}")
+        if current and (len(current) + 1) * max(longest, n) > budget:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def packed_batches(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
+    """Best-fit decreasing: each row, longest first, goes into the fullest sequence it still fits in."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    # (free tokens, bin index), sorted: the first entry with free >= n is the best fit
+    free: list[tuple[int, int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > budget:
+            raise ValueError(f"row {i} has {n} tokens, more than the token budget {budget}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (room - n, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (budget - n, len(bins) - 1))
+    return bins
+
+
+class EpochBatchSampler:
+    """A batch sampler over fixed batches whose order is shuffled per epoch (`set_epoch`, called by the Trainer)."""
+
+    def __init__(self, batches: list[list[int]], seed: int):
+        self.batches = batches
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int | None = None) -> list[int]:
+        ids = list(range(len(self.batches)))
+        random.Random(self.seed * 1_000_003 + (self.epoch if epoch is None else epoch)).shuffle(ids)
+        return ids
+
+    def __iter__(self):
+        for b in self.order():
+            yield list(self.batches[b])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def plan_batches(lengths: list[int], mode: str, *, token_budget: int = 0, batch_size: int = 1,
+                 seed: int = 0) -> tuple[list[list[int]] | None, BatchPlan]:
+    """The batches for `mode` ("fixed": None, the Trainer's own sampler) and what they hold."""
+    tokens = sum(lengths)
+    if mode == "fixed":
+        # The Trainer's random sampler: its padding depends on the shuffle; estimate it with one seeded shuffle.
+        order = list(range(len(lengths)))
+        random.Random(seed).shuffle(order)
+        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        padded = sum(len(c) * max(lengths[i] for i in c) for c in chunks)
+        return None, BatchPlan("fixed", len(lengths), len(chunks), tokens, padded, None, batch_size)
+    if mode == "budget":
+        batches = budget_batches(lengths, token_budget, seed)
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    elif mode == "packed":
+        batches = packed_batches(lengths, token_budget, seed)
+        padded = tokens
+    else:
+        raise ValueError(f"unknown batching mode {mode!r}")
+    return batches, BatchPlan(mode, len(lengths), len(batches), tokens, padded, token_budget,
+                              max((len(b) for b in batches), default=0))
+
+
+def batching_mode(profile) -> str:
+    if not profile.token_budget:
+        return "fixed"
+    return "packed" if profile.packing else "budget"
+
+
+# --- collators ----------------------------------------------------------------------------------------------------
+
+
+class PaddedCollator:
+    """Right-pads a micro-batch to its longest row; padding is masked out of attention and loss."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for r, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[r, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[r, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+            mask[r, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class PackedCollator:
+    """Concatenates a micro-batch's rows into one sequence (batch size 1) with position ids restarting per row.
+
+    No attention_mask: given position ids that restart and no mask, transformers builds a mask that keeps each row
+    to itself (masking_utils.find_packed_sequence_indices), and so does swft-lite's patch of Unsloth's attention.
+    The first token of every row gets label -100: the loss shifts labels by one, and that token would otherwise be
+    predicted from the previous row's last token. Alone, a row's first token is never a target either."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids, labels, positions = [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.extend(f["input_ids"])
+            row_labels = list(f["labels"])
+            row_labels[0] = IGNORE
+            labels.extend(row_labels)
+            positions.extend(range(n))
+        return {"input_ids": torch.tensor([ids], dtype=torch.long),
+                "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long)}
+
+
+def collator_for(mode: str, pad_token_id: int):
+    return PackedCollator() if mode == "packed" else PaddedCollator(pad_token_id)
+
+
+def dataset_lengths(dataset) -> list[int]:
+    """Token count of every row of a datasets.Dataset with an `input_ids` column, read from Arrow (no row copies)."""
+    import pyarrow.compute as pc
+
+    column = dataset.data.column("input_ids")
+    lengths = pc.list_value_length(column).to_pylist()
+    if getattr(dataset, "_indices", None) is not None:  # a select()ed view: map back to the view's order
+        lengths = [lengths[i] for i in dataset._indices.column(0).to_pylist()]
+    return lengths
+
+
+def with_batch_sampler(trainer_cls):
+    """`trainer_cls` (TRL's SFTTrainer, or Unsloth's patched one) whose training DataLoader takes its batches from
+    `trainer.swft_batch_sampler` when that is set. Everything else - evaluation, resume (accelerate's
+    skip_first_batches wraps a batch sampler), set_epoch (the Trainer reaches a batch sampler's own) - is the
+    Trainer's."""
+
+    class BatchSamplerTrainer(trainer_cls):
+        swft_batch_sampler = None
+
+        def get_train_dataloader(self):
+            if self.swft_batch_sampler is None:
+                return super().get_train_dataloader()
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(self.train_dataset, batch_sampler=self.swft_batch_sampler,
+                                collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
+                                pin_memory=self.args.dataloader_pin_memory)
+            return self.accelerator.prepare(loader)
+
+    BatchSamplerTrainer.__name__ = f"BatchSampler{trainer_cls.__name__}"
+    return BatchSamplerTrainer
+
+
+def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool = True) -> float:
+    """Max |logit difference| between every row run alone and the same rows packed into one sequence.
+
+    The proof that packing keeps rows apart on a given model and attention path (eager, sdpa, Unsloth's): 0 up to
+    rounding when the mask confines each row, large when rows see each other. `restart_positions=False` packs with
+    positions that run on across rows, which hides the boundaries from the mask: the leak the check must catch."""
+    import torch
+
+    packed = PackedCollator()(rows)
+    if not restart_positions:
+        packed["position_ids"] = torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"].to(device),
+                         position_ids=packed["position_ids"].to(device), use_cache=False).logits[0].float()
+        start = 0
+        for r in rows:
+            n = len(r["input_ids"])
+            alone = model(input_ids=torch.tensor([r["input_ids"]], device=device), use_cache=False).logits[0].float()
+            worst = max(worst, float((together[start:start + n] - alone).abs().max()))
+            start += n
+    model.train(was_training)
+    return worst

@@ -1,0 +1,200 @@
+"""Token-budget batches and packing: what they hold, that a step's gradient does not depend on how rows are spread
+over micro-batches, and that packed rows never see each other (a leaking mask is caught)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+
+from swft_lite.batching import (EpochBatchSampler, PackedCollator, PaddedCollator, budget_batches, packed_batches,
+                                plan_batches)
+
+
+def lognormal_lengths(n=600, seed=0, median=2300, sigma=0.7, cap=8000):
+    rng = random.Random(seed)
+    return [min(cap, max(64, int(rng.lognormvariate(0, sigma) * median))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("budget", [8192, 16384])
+def test_budget_batches_fit_the_budget_and_cover_every_row_once(budget):
+    lengths = lognormal_lengths()
+    batches = budget_batches(lengths, budget, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= budget for b in batches)
+    _, plan = plan_batches(lengths, "budget", token_budget=budget, seed=3)
+    _, fixed = plan_batches(lengths, "fixed", batch_size=1, seed=3)
+    # Rows grouped by length: little padding, and far fewer passes than one row each.
+    assert plan.padding_fraction < 0.05
+    assert plan.micro_batches < 0.5 * fixed.micro_batches
+    assert plan.fill_fraction > 0.8
+
+
+def test_packed_batches_fill_sequences_without_padding():
+    lengths = lognormal_lengths()
+    batches = packed_batches(lengths, 8192, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 8192 for b in batches)
+    _, plan = plan_batches(lengths, "packed", token_budget=8192, seed=3)
+    assert plan.padding_fraction == 0.0
+    assert plan.fill_fraction > 0.95  # best-fit decreasing leaves little room unused
+
+
+def test_a_row_longer_than_the_budget_is_refused():
+    with pytest.raises(ValueError, match="9000 tokens, more than the token budget 8192"):
+        budget_batches([100, 9000], 8192, seed=0)
+    with pytest.raises(ValueError, match="9000 tokens, more than the token budget 8192"):
+        packed_batches([100, 9000], 8192, seed=0)
+
+
+def test_epoch_order_is_shuffled_by_seed_and_epoch_only():
+    batches = budget_batches(lognormal_lengths(200), 8192, seed=1)
+    a, b = EpochBatchSampler(batches, seed=1), EpochBatchSampler(batches, seed=1)
+    first = list(a)
+    assert first == list(b)  # same seed, same epoch: same order
+    a.set_epoch(1)
+    second = list(a)
+    assert second != first and sorted(map(tuple, second)) == sorted(map(tuple, first))
+    assert list(EpochBatchSampler(batches, seed=2)) != first
+
+
+def test_collators_pad_and_pack():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
+    padded = PaddedCollator(pad_token_id=0)(rows)
+    assert padded["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert padded["labels"].tolist() == [[-100, 6, 7], [8, 9, -100]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    packed = PackedCollator()(rows)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # A row's first token is never a target (it would be predicted from the previous row's last token).
+    assert packed["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert "attention_mask" not in packed
+
+
+# --- on a tiny gpt-oss (fp32, CPU) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_window_model(shared_model_dir):
+    """A 2-layer gpt-oss whose sliding window (16 tokens) is shorter than the rows, so windowed layers matter."""
+    from conftest import TINY_SIZE
+    from swft_lite.random_model import build_random_gpt_oss, gpt_oss_config
+
+    config = gpt_oss_config(shared_model_dir / "config.json", initializer_range=0.1, **TINY_SIZE)
+    config.sliding_window = 16
+    return build_random_gpt_oss(config, seed=5)
+
+
+def random_rows(lengths, seed=0, vocab=2000):
+    g = random.Random(seed)
+    rows = []
+    for n in lengths:
+        ids = [g.randrange(vocab) for _ in range(n)]
+        labels = [t if g.random() < 0.6 else -100 for t in ids]
+        labels[0] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_rows_compute_what_they_compute_alone(tiny_window_model, attn):
+    from swft_lite.batching import packed_isolation_error
+
+    from swft_lite.backends import enable_packed_attention
+
+    model = copy.deepcopy(tiny_window_model)
+    model.config._attn_implementation = attn
+    rows = random_rows([40, 23, 57, 9], seed=1)
+    # transformers alone does not keep gpt-oss's packed rows apart: the check sees the leak.
+    leak = packed_isolation_error(model, rows)
+    assert leak > 1e-2, f"a leaking mask went unnoticed (max |dlogit| {leak:.2e})"
+    enable_packed_attention(model)
+    err = packed_isolation_error(model, rows)
+    assert err <= 1e-3, f"packed rows differ from the rows alone by {err:.2e} ({attn})"
+    # Positions that run on across rows hide the boundaries: a leak again, and caught again.
+    leak = packed_isolation_error(model, rows, restart_positions=False)
+    assert leak > 1e-2, f"a leaking mask went unnoticed (max |dlogit| {leak:.2e})"
+
+
+def _trainer(model, tokenizer, rows, batches, collator, tmp_path, accumulation):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from swft_lite.batching import with_batch_sampler
+
+    args = SFTConfig(output_dir=str(tmp_path / "ckpt"), per_device_train_batch_size=1,
+                     gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1e-3, report_to=[],
+                     use_cpu=True, bf16=False, packing=False, max_length=4096, disable_tqdm=True,
+                     router_aux_loss_coef=0.0, dataloader_num_workers=0)
+    trainer = with_batch_sampler(SFTTrainer)(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                             processing_class=tokenizer)
+    trainer.swft_batch_sampler = EpochBatchSampler(batches, seed=0)
+    trainer.data_collator = collator
+    return trainer
+
+
+def _trainer_step_grads(trainer, n_batches):
+    """The gradient the Trainer accumulates over one optimizer step (its own loss scaling, num_items_in_batch)."""
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    samples, n_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), n_batches, trainer.args.device)
+    assert len(samples) == n_batches
+    for inputs in samples:
+        trainer.training_step(model, inputs, n_items)
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _one_row_at_a_time_grads(model, rows):
+    """Reference: the mean over every trained token of the step, each row run alone."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    model.zero_grad()
+    total = sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)
+    for r in rows:
+        ids = torch.tensor([r["input_ids"]])
+        labels = torch.tensor([r["labels"]])
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum") / total
+        loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _relative_difference(a, b):
+    import torch
+
+    num = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in b))
+    den = torch.sqrt(sum((b[k] ** 2).sum() for k in b))
+    return float(num / den)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["budget", "packed"])
+def test_a_step_has_the_gradient_of_its_rows_one_at_a_time(tiny_model_dir, tokenizer, tmp_path, mode):
+    """However rows are spread over micro-batches (3 rows in one pass, 1 in the next, padded or packed), the step's
+    gradient equals that of the same rows one at a time, normalised per trained token (fp32, relative <= 1e-4)."""
+    from swft_lite.backends import load_for_training
+    from swft_lite.batching import collator_for
+    from swft_lite.profiles import Profile
+
+    profile = Profile(lora_targets="attention+experts", load_in_4bit=False, gradient_checkpointing="false",
+                      lora_rank=4, lora_alpha=8, token_budget=128, packing=mode == "packed")
+    model, _, _ = load_for_training("hf", str(tiny_model_dir), profile)
+    with __import__("torch").no_grad():  # LoRA B starts at zero: give it values so every adapter has a gradient path
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    rows = random_rows([30, 31, 29, 70, 12], seed=2)
+    lengths = [len(r["input_ids"]) for r in rows]
+    batches = (budget_batches if mode == "budget" else packed_batches)(lengths, profile.token_budget, seed=0)
+    assert len(batches) >= 2 and max(len(b) for b in batches) >= 2  # several rows in a pass, several passes
+    trainer = _trainer(model, tokenizer, rows, batches, collator_for(mode, tokenizer.pad_token_id), tmp_path,
+                       accumulation=len(batches))
+    got = _trainer_step_grads(trainer, len(batches))
+    want = _one_row_at_a_time_grads(trainer.model, rows)
+    assert set(got) == set(want) and any("experts" in k for k in want)
+    assert _relative_difference(got, want) <= 1e-4
