@@ -186,6 +186,9 @@ def profiles_show(profile_ref, as_json, set_values, **flags):
               help="Write verified merged bf16 weights to RUN/merged at the end.")
 @click.option("--wandb", is_flag=True, help="Also log to Weights & Biases (needs `wandb login`).")
 @click.option("--num-proc", type=click.IntRange(1), default=None, help="Processes for rendering the data.")
+@click.option("--dry-run", is_flag=True, help="Check and render the data, print the plan (rows, tokens, passes, "
+              "optimizer steps, padding, memory estimate, time at this profile's measured speed) and stop: no model "
+              "is loaded and Unsloth is not imported, so it runs on a machine without a GPU.")
 @profile_options
 def train_cmd(profile_ref, set_values, **kwargs):
     """Fine-tune gpt-oss with LoRA: data in, adapter and merged weights out.
@@ -218,7 +221,8 @@ def train_cmd(profile_ref, set_values, **kwargs):
         if not _is_user_error(exc):
             raise
         fail(str(exc), code=1)
-    click.secho(f"done: {run_dir}", fg="green")
+    if run_dir is not None:
+        click.secho(f"done: {run_dir}", fg="green")
 
 
 def _is_user_error(exc: Exception) -> bool:

@@ -722,3 +722,30 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(_main(sys.argv[1:]))
+
+
+# --- time --------------------------------------------------------------------------------------------------------
+# A forward+backward pass under Unsloth costs a fixed part whatever it holds plus a part per token it computes
+# (padding included). Fitted per training setting on the full gpt-oss-20b shape (scripts/bench.py runs of exact-length
+# and variable-length rows; benchmarks/RESULTS.md), on the lent H200: an H100 has the same bf16 rate and less memory
+# bandwidth, so expect it somewhat slower. Key: (4-bit, gradient_checkpointing, lora_targets, lora_rank).
+@dataclass(frozen=True)
+class PassTime:
+    fixed_seconds: float
+    seconds_per_token: float
+    source: str
+
+    def seconds(self, passes: int, tokens: int) -> float:
+        return passes * self.fixed_seconds + tokens * self.seconds_per_token
+
+
+PASS_TIMES: dict[tuple, PassTime] = {
+    (True, "false", "attention+experts", 16): PassTime(
+        0.27, 2.7e-5, "h100 settings, H200, full shape: 1 x 8192 rows and variable-length chats (2026-12-01)"),
+}
+
+
+def pass_time(profile: Profile) -> PassTime | None:
+    """The measured step-time model for `profile`'s settings, None where none was measured."""
+    return PASS_TIMES.get((profile.load_in_4bit, profile.gradient_checkpointing, profile.lora_targets,
+                           profile.lora_rank))

@@ -64,6 +64,7 @@ class TrainOptions:
     reasoning_effort: str = "medium"
     date: str = "2025-06-28"
     num_proc: int | None = None
+    dry_run: bool = False                 # print the plan (data, batches, steps, memory, time) and stop
 
     def run_dir(self, profile: Profile) -> Path:
         name = self.run_name or f"{profile.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -380,20 +381,90 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
     )
 
 
-def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
-    """Run one training job end to end; returns the run folder."""
+def plan_training(profile: Profile, options: TrainOptions, train_dataset, backend: str) -> dict:
+    """What the run will do, worked out from the rendered rows before any model loads: batches, steps, padding,
+    peak memory (estimate) and time (the measured pass-time model of these settings, where there is one)."""
+    import math
+
+    from swft_lite import estimate as est
+    from swft_lite.batching import batching_mode, dataset_lengths, plan_batches
+
+    lengths = dataset_lengths(train_dataset)
+    mode = batching_mode(profile)
+    _, plan = plan_batches(lengths, mode, token_budget=profile.token_budget,
+                           batch_size=profile.per_device_batch_size, seed=options.seed)
+    accumulation = profile.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(plan.micro_batches / accumulation)
+    steps = options.max_steps or math.ceil(profile.num_epochs * steps_per_epoch)
+    passes = min(steps * accumulation, math.ceil(plan.micro_batches * (steps / steps_per_epoch)))
+    epochs = passes / max(plan.micro_batches, 1)
+    memory = est.estimate(profile, stack="hf" if backend == "hf" else "unsloth")
+    timing = est.pass_time(profile) if backend == "unsloth" else None
+    return {
+        "batching": plan.to_dict(),
+        "longest_row": max(lengths, default=0), "mean_row": round(sum(lengths) / max(len(lengths), 1)),
+        "optimizer_steps": steps, "steps_per_epoch": steps_per_epoch, "micro_batches": passes,
+        "epochs": round(epochs, 3),
+        "tokens": round(plan.tokens * epochs), "computed_tokens": round(plan.padded_tokens * epochs),
+        "memory": {"reserved_gib": round(memory.reserved_gib, 2), "limit_gib": memory.limit_gib,
+                   "fits": memory.fits, "stack": memory.stack},
+        "eta_seconds": None if timing is None else round(timing.seconds(passes, plan.padded_tokens * epochs)),
+        "eta_source": None if timing is None else timing.source,
+    }
+
+
+def format_plan(profile: Profile, plan: dict, backend: str) -> str:
+    b = plan["batching"]
+    if b["mode"] == "fixed":
+        how = f"{profile.per_device_batch_size} row(s) per pass (token_budget off)"
+    elif b["mode"] == "budget":
+        how = f"token budget {b['token_budget']:,}, length-bucketed: up to {b['max_rows_per_batch']} rows per pass"
+    else:
+        how = f"packed into sequences of up to {b['token_budget']:,} tokens (up to {b['max_rows_per_batch']} rows)"
+    lines = [
+        f"plan: {b['rows']:,} rows, {b['tokens']:,} tokens an epoch (mean {plan['mean_row']:,}, longest "
+        f"{plan['longest_row']:,})",
+        f"  batching   {how}: {b['micro_batches']:,} passes an epoch, padding {100 * b['padding_fraction']:.1f} %",
+        f"  steps      {plan['optimizer_steps']:,} optimizer steps of up to {profile.gradient_accumulation_steps} passes "
+        f"({plan['steps_per_epoch']:,} an epoch, {plan['epochs']:g} epochs); {plan['tokens']:,} tokens trained",
+    ]
+    m = plan["memory"]
+    lines.append(f"  memory     ~{m['reserved_gib']:.1f} GiB reserved (estimate, {m['stack']} stack) of a "
+                 f"{profile.vram_budget_gib:g} GiB card's {m['limit_gib']:g} GiB limit: "
+                 f"{'fits' if m['fits'] else 'does NOT fit'}")
+    if plan["eta_seconds"] is not None:
+        lines.append(f"  time       ~{_duration(plan['eta_seconds'])} ({plan['eta_source']})")
+    else:
+        lines.append(f"  time       no measured speed for these settings on the {backend} backend")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
+    """Run one training job end to end; returns the run folder (None for a dry run, which only prints the plan)."""
     from swft_lite import data as data_mod
     from swft_lite.backends import choose_backend, import_unsloth
 
     model_path = resolve_model(options.model, echo)
-    backend = choose_backend(options.backend)
-    if backend == "unsloth":
+    if options.dry_run:
+        # The plan is for the machine that will train: 'auto' there is Unsloth. Nothing is imported or loaded.
+        backend = "unsloth" if options.backend == "auto" else options.backend
+    else:
+        backend = choose_backend(options.backend)
+    if backend == "unsloth" and not options.dry_run:
         import_unsloth()  # before the data step imports transformers
     run_dir = options.run_dir(profile)
     if options.resume and options.run_name is None:
         raise TrainError("--resume needs the run to continue: --run-name NAME (a folder under "
                          f"{options.output_root}/)")
-    if not options.resume and not options.overwrite and run_dir.exists() and any(run_dir.iterdir()):
+    if (not options.dry_run and not options.resume and not options.overwrite and run_dir.exists()
+            and any(run_dir.iterdir())):
         prepare_run_dir(run_dir, options)  # raises before any work is done
 
     # 1. Data: every row is validated before a model is touched; a bad row stops the run here.
@@ -408,6 +479,11 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
          (f", {len(prepared.eval)} eval rows" if prepared.eval is not None else "") +
          f"; {rep.get('dropped_overlong', 0)} dropped as longer than {profile.max_seq_length} tokens, "
          f"{rep.get('truncated', 0)} truncated")
+
+    plan = plan_training(profile, options, prepared.train, backend)
+    echo(format_plan(profile, plan, backend))
+    if options.dry_run:
+        return None
 
     parts = fingerprint_parts(profile, options, rep)
     fp = fingerprint(parts)
@@ -443,6 +519,8 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path:
         "options": dataclasses.asdict(options),
         "packages": package_versions(),
         "data": rep,
+        "plan": plan,
+        "padding_fraction": plan["batching"]["padding_fraction"],
     })
     write_run_json(run_dir, record)
 

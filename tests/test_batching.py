@@ -198,3 +198,81 @@ def test_a_step_has_the_gradient_of_its_rows_one_at_a_time(tiny_model_dir, token
     want = _one_row_at_a_time_grads(trainer.model, rows)
     assert set(got) == set(want) and any("experts" in k for k in want)
     assert _relative_difference(got, want) <= 1e-4
+
+
+# --- through `swft-lite train` --------------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
+    import sys
+
+    from click.testing import CliRunner
+
+    from swft_lite.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--profile", "h100", "--data", "sample", "--dry-run",
+                                       "--token-budget", "4096", "--output-root", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "plan: 40 rows, 12,730 tokens an epoch" in out
+    assert "token budget 4,096, length-bucketed" in out and "padding" in out
+    assert "optimizer steps" in out and "GiB reserved (estimate, unsloth stack)" in out
+    assert "time       ~" in out  # the h100 settings have a measured pass time
+    assert not (tmp_path / "runs").exists()  # no run folder
+    assert "unsloth" not in sys.modules and "done:" not in out
+
+
+def _varied_rows(n=24, seed=0):
+    g = random.Random(seed)
+    words = "gateway cache queue shard replica index lease quorum ledger span trace bucket".split()
+    rows = []
+    for _ in range(n):
+        k = g.choice([3, 8, 20, 45])
+        rows.append({"messages": [{"role": "user", "content": " ".join(g.choice(words) for _ in range(k))},
+                                  {"role": "assistant", "content": " ".join(g.choice(words) for _ in range(2 * k))}]})
+    return rows
+
+
+@pytest.mark.slow
+def test_resume_continues_with_the_batches_an_uninterrupted_run_takes(tmp_path, tiny_model_dir):
+    """A token-budget run stopped at step 4 and resumed trains steps 5-10 on exactly the batches (and so with exactly
+    the losses) of the same run never stopped - across an epoch boundary, where the batch order is reshuffled."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from swft_lite.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _varied_rows()))
+    root = tmp_path / "runs"
+    flags = ["train", "--profile", "rtx4070", "--backend", "hf", "--no-load-in-4bit", "--lora-targets", "attention",
+             "--max-seq-length", "256", "--token-budget", "512", "--gradient-accumulation-steps", "1",
+             "--learning-rate", "1e-3", "--warmup-ratio", "0", "--lr-scheduler", "constant", "--no-merge",
+             "--model", str(tiny_model_dir), "--data", str(data), "--output-root", str(root), "--max-steps", "10"]
+    whole = CliRunner().invoke(main, [*flags, "--run-name", "whole", "--save-steps", "4"], catch_exceptions=False)
+    assert whole.exit_code == 0, whole.output
+    record = json.loads((root / "whole" / "run.json").read_text())
+    assert record["plan"]["batching"]["mode"] == "budget"
+    per_epoch = record["plan"]["steps_per_epoch"]
+    assert 4 < per_epoch < 10, per_epoch  # the resumed part crosses into the second epoch
+    want = {e["step"]: e["loss"] for e in record["losses"]}
+
+    # The same run, as if killed after the step-4 checkpoint: later checkpoints and history gone.
+    shutil.copytree(root / "whole", root / "stopped")
+    for ckpt in (root / "stopped" / "checkpoints").glob("checkpoint-*"):
+        if ckpt.name != "checkpoint-4":
+            shutil.rmtree(ckpt)
+    stopped = json.loads((root / "stopped" / "run.json").read_text())
+    stopped["losses"] = [e for e in stopped["losses"] if e["step"] <= 4]
+    (root / "stopped" / "run.json").write_text(json.dumps(stopped))
+
+    resumed = CliRunner().invoke(main, [*flags, "--run-name", "stopped", "--save-steps", "4", "--resume"],
+                                 catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    assert "checkpoint-4" in resumed.output
+    got = {e["step"]: e["loss"] for e in json.loads((root / "stopped" / "run.json").read_text())["losses"]}
+    assert sorted(got) == list(range(1, 11))
+    for step in range(5, 11):
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), (step, got[step], want[step])
