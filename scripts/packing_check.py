@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     for n in (int(x) for x in args.lengths.split(",")):
         ids = [g.randrange(vocab) for _ in range(n)]
         rows.append({"input_ids": ids, "labels": ids})
-    model.eval()
+    # Training mode (no dropout in this profile): Unsloth trains gpt-oss through its flex-attention path and
+    # evaluates through eager attention; the packed batches are for training.
+    model.train()
     result = {
         "backend": args.backend, "model": model_path, "load_in_4bit": args.load_in_4bit,
         "dtype": str(next(model.parameters()).dtype), "device": str(next(model.parameters()).device),

@@ -204,6 +204,8 @@ def load_for_training(backend: str, model_path: str, profile: Profile):
                                    gradient_checkpointing=profile.gradient_checkpointing != "false")
         if profile.packing:
             enable_packed_attention(model)
+    if backend == "unsloth" and profile.packing:
+        enable_packed_attention_unsloth(model)
     return model, tokenizer, inspect_adapters(model, profile)
 
 
@@ -243,6 +245,74 @@ def enable_packed_attention(model) -> None:
         kwargs["attention_mask"] = {"full_attention": create_causal_mask(**mask_kwargs),
                                     "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
         return args, kwargs
+
+    decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    decoder._swft_packed_attention = True
+
+
+class _PackedRows:
+    """The row index of every position of the packed batch now in the model (None: not packed), set by a hook on
+    the decoder before each forward and read by the block-mask builder of every layer of that forward."""
+
+    doc: object = None
+    masks: dict = {}
+
+
+def enable_packed_attention_unsloth(model) -> None:
+    """Make Unsloth's gpt-oss training attention keep packed rows apart.
+
+    Under Unsloth 2026.10.9, gpt-oss trains through unsloth_zoo's flex_attention_with_sink, which drops the model's
+    attention mask and builds its own causal (or 128-token sliding-window) BlockMask from the shapes alone, through
+    the module-level `reused_compiled_create_block_mask` of unsloth_zoo.flex_attention.attention_sink. That is why
+    Unsloth switches packing off for gpt-oss. Here that one name is wrapped: when the batch is packed (position ids
+    that restart, from a hook on the decoder), the mask Unsloth asked for is intersected with "same row" before the
+    block mask is built; the sinks are added after attention from the log-sum-exp and stay per row. No Unsloth
+    file is changed; scripts/packing_check.py measures the result on the GPU."""
+    import torch
+
+    try:
+        from torch.nn.attention.flex_attention import and_masks, create_block_mask
+        from unsloth_zoo.flex_attention import attention_sink
+    except ImportError as exc:  # pragma: no cover - GPU stack only
+        raise BackendError(f"packing under Unsloth needs unsloth_zoo's flex attention ({exc}); "
+                           "set packing = false") from exc
+    if not hasattr(attention_sink, "reused_compiled_create_block_mask"):
+        raise BackendError("packing: this unsloth_zoo has no reused_compiled_create_block_mask in "
+                           "flex_attention.attention_sink (swft-lite was checked against unsloth_zoo 2026.10.9); "
+                           "set packing = false")
+
+    if not getattr(attention_sink, "_swft_packed", False):
+        original = attention_sink.reused_compiled_create_block_mask
+
+        def block_mask_for_rows(mask_mod, bsz, head, M, N, device="cuda"):
+            doc = _PackedRows.doc
+            if doc is None or M != N or doc.shape[-1] != M:
+                return original(mask_mod, bsz, head, M, N, device=device)
+            key = (mask_mod, M)
+            if key not in _PackedRows.masks:
+                def same_row(b, h, q_idx, kv_idx):
+                    return doc[q_idx] == doc[kv_idx]
+
+                _PackedRows.masks[key] = create_block_mask(and_masks(mask_mod, same_row), None, None, M, N,
+                                                           device=device)
+            return _PackedRows.masks[key]
+
+        attention_sink.reused_compiled_create_block_mask = block_mask_for_rows
+        attention_sink._swft_packed = True
+
+    decoder = _gpt_oss_decoder(model)
+    if getattr(decoder, "_swft_packed_attention", False):
+        return
+
+    def hook(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        _PackedRows.masks = {}
+        _PackedRows.doc = None
+        if positions is not None and positions.shape[0] == 1 and kwargs.get("past_key_values") is None:
+            starts = positions[0] == 0
+            if int(starts.sum()) > 1:
+                _PackedRows.doc = torch.cumsum(starts.to(torch.int32), 0)
+        return None
 
     decoder.register_forward_pre_hook(hook, with_kwargs=True)
     decoder._swft_packed_attention = True

@@ -257,8 +257,6 @@ def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool =
     if not restart_positions:
         packed["position_ids"] = torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     worst = 0.0
     with torch.no_grad():
         together = model(input_ids=packed["input_ids"].to(device),
@@ -269,5 +267,4 @@ def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool =
             alone = model(input_ids=torch.tensor([r["input_ids"]], device=device), use_cache=False).logits[0].float()
             worst = max(worst, float((together[start:start + n] - alone).abs().max()))
             start += n
-    model.train(was_training)
     return worst
