@@ -1,0 +1,182 @@
+"""Real-length benchmark: each profile on rows of exactly max_seq_length tokens and on chats of varying length, with
+and without token-budget batching or packing, side by side in one call on the full gpt-oss-20b shape.
+
+    python scripts/bench_lengths.py data --out .device/bench-data        (here: writes the two data sets)
+    python scripts/bench_lengths.py run --data .device/bench-data h100 h100@variable h100:token_budget=8192@variable
+
+A run spec is PROFILE[:key=value,...][@exact|@variable]. Each run is scripts/bench.py's child (`--one`): a fresh
+process, GPU memory capped at the profile card's headroom limit, swft_lite.train.train - the code `swft-lite train`
+runs - with --max-steps and gradient accumulation capped at --max-accum. Results go to --out (default $OUT or
+benchmarks/) as lengths.json and are merged into benchmarks/RESULTS_LENGTHS.md by `report`.
+
+The variable-length chats follow a real SFT set's spread: lognormal, median ~2,300 rendered tokens, 10th / 90th
+percentiles ~1,000 / ~6,000, capped at 8,000 (mean ~2,900). The exact rows are within 1 % below 8,192 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+MEDIAN, SIGMA, CAP, FLOOR = 2300, 0.72, 8000, 300  # exp(1.2816 * 0.72) ~ 2.52: p10 ~ 910, p90 ~ 5,800
+
+
+def make_variable(out: Path, rows: int, seed: int) -> dict:
+    from make_synthetic_data import make_row, rendered_length
+
+    from swft_lite.data import DataOptions
+
+    options = DataOptions(max_seq_length=CAP + 200)
+    g = random.Random(seed)
+    probe = make_row(random.Random(1), 1000)
+    per_word = rendered_length(probe, options) / 1000  # tokens per word of these rows, incl. the fixed parts
+    lengths = []
+    with out.open("w") as fh:
+        for i in range(rows):
+            target = min(CAP, max(FLOOR, int(g.lognormvariate(math.log(MEDIAN), SIGMA))))
+            words = max(8, int(target / per_word))
+            row = make_row(random.Random(seed * 100003 + i), words)
+            n = rendered_length(row, options)
+            while n > CAP:
+                words = int(words * 0.97)
+                row = make_row(random.Random(seed * 100003 + i), words)
+                n = rendered_length(row, options)
+            fh.write(json.dumps(row) + "\n")
+            lengths.append(n)
+    q = statistics.quantiles(lengths, n=10)
+    return {"rows": rows, "median": statistics.median(lengths), "mean": round(statistics.mean(lengths)),
+            "p10": q[0], "p90": q[-1], "max": max(lengths), "min": min(lengths)}
+
+
+def cmd_data(args) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    stats = {"variable": make_variable(args.out / "variable.jsonl", args.rows, args.seed)}
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic_data.py"), "--rows", "48", "--tokens",
+                    "8192", "--out", str(args.out / "exact-8192.jsonl")], check=True)
+    (args.out / "stats.json").write_text(json.dumps(stats, indent=2))
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    import dataclasses
+
+    from bench import resolve_spec
+
+    from swft_lite import estimate as est
+
+    out = Path(args.out or os.environ.get("OUT") or REPO / "benchmarks")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = out / "lengths.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else []
+    t_start = time.monotonic()
+    for spec in args.specs:
+        profile_spec, _, kind = spec.partition("@")
+        kind = kind or "exact"
+        profile = resolve_spec(profile_spec)
+        if profile.gradient_accumulation_steps > args.max_accum:
+            profile = dataclasses.replace(profile, gradient_accumulation_steps=args.max_accum)
+        left = args.time_budget - (time.monotonic() - t_start)
+        if left < 90:
+            print(f"lengths: skipping {spec}: {left:.0f} s left", flush=True)
+            results.append({"spec": spec, "status": "skipped"})
+            continue
+        data = Path(args.data) / ("exact-8192.jsonl" if kind == "exact" else "variable.jsonl")
+        key = spec.replace(":", "_").replace("=", "-").replace(",", "_").replace("@", "-")
+        result_file = work / f"{key}.json"
+        cap = est.headroom_limit(profile.vram_budget_gib)
+        cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), "--one", "--label", spec, "--backend", "unsloth",
+               "--profile-json", json.dumps(dataclasses.asdict(profile)), "--cap-gib", str(cap),
+               "--model", args.model_dir, "--data", str(data), "--output-root", str(work / "runs"),
+               "--run-name", key, "--result", str(result_file), "--steps", str(args.steps)]
+        t0 = time.monotonic()
+        log = work / f"{key}.log"
+        with log.open("w") as fh:
+            try:
+                rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=max(60, left - 20)).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        res = json.loads(result_file.read_text()) if result_file.exists() else {"status": f"rc={rc}"}
+        run_json = work / "runs" / key / "run.json"
+        record = json.loads(run_json.read_text()) if run_json.exists() else {}
+        res.update({"spec": spec, "data_kind": kind, "profile": dataclasses.asdict(profile),
+                    "cap_gib": cap, "wall": round(time.monotonic() - t0, 1),
+                    "plan": record.get("plan"), "padding_fraction": record.get("padding_fraction"),
+                    "losses_by_step": record.get("losses"),
+                    "tokens_seen": None})
+        res.pop("packages", None)
+        results.append(res)
+        results_path.write_text(json.dumps(results, indent=2, default=str))
+        print(f"lengths: {spec}: {res.get('status')} {res.get('tokens_per_second')} tok/s, peak "
+              f"{res.get('peak_allocated_gib')} ({res.get('peak_reserved_gib')}) GiB, {res['wall']} s", flush=True)
+        if res.get("status") != "ok":
+            print(log.read_text()[-3000:], flush=True)
+    return 0
+
+
+def cmd_report(args) -> int:
+    results = [r for r in json.loads(Path(args.results).read_text()) if r.get("status") == "ok"]
+    lines = ["# Real-length benchmark (scripts/bench_lengths.py)", "",
+             "Full gpt-oss-20b shape (random weights), Unsloth 2026.10.9, swft-lite's training path, GPU memory "
+             "capped at each profile card's limit, gradient accumulation capped at 2; tokens/s = real (unpadded) "
+             "tokens, median over the logged steps after the first.", "",
+             "| run | data | batching | tokens/s | vs full rows | padding | peak alloc (reserved) GiB | cap |",
+             "|---|---|---|---|---|---|---|---|"]
+    full = {}
+    for r in results:
+        if r["data_kind"] == "exact" and not r["profile"].get("token_budget"):
+            full[r["profile"]["name"].split(":")[0]] = r["tokens_per_second"]
+    for r in results:
+        p = r["profile"]
+        mode = "packed" if p.get("packing") else ("budget %d" % p["token_budget"] if p.get("token_budget")
+                                                   else f"{p['per_device_batch_size']} row(s)")
+        base = full.get(p["name"].split(":")[0])
+        ratio = f"{r['tokens_per_second'] / base:.2f}x" if base and r["tokens_per_second"] else "-"
+        pad = r.get("padding_fraction")
+        lines.append(f"| {r['spec']} | {r['data_kind']} | {mode} | {r['tokens_per_second']:,.0f} | {ratio} | "
+                     f"{'-' if pad is None else f'{100 * pad:.1f} %'} | {r['peak_allocated_gib']} "
+                     f"({r['peak_reserved_gib']}) | {r['cap_gib']} |")
+    Path(args.markdown).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("--out", type=Path, default=REPO / ".device" / "bench-data")
+    d.add_argument("--rows", type=int, default=400)
+    d.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run")
+    r.add_argument("specs", nargs="+")
+    r.add_argument("--data", default=str(REPO / ".device" / "bench-data"))
+    r.add_argument("--model-dir", default="/tmp/gptoss-full")
+    r.add_argument("--work", default="/tmp/swft-lengths")
+    r.add_argument("--out", default=None)
+    r.add_argument("--steps", type=int, default=8)
+    r.add_argument("--max-accum", type=int, default=2)
+    r.add_argument("--time-budget", type=float, default=540)
+    p = sub.add_parser("report")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "lengths.json"))
+    p.add_argument("--markdown", default=str(REPO / "benchmarks" / "RESULTS_LENGTHS.md"))
+    args = ap.parse_args(argv)
+    return {"data": cmd_data, "run": cmd_run, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
