@@ -251,68 +251,97 @@ def enable_packed_attention(model) -> None:
 
 
 class _PackedRows:
-    """The row index of every position of the packed batch now in the model (None: not packed), set by a hook on
-    the decoder before each forward and read by the block-mask builder of every layer of that forward."""
+    """The row index of every position of the packed batch in the model now (None: not packed) and its block masks,
+    shared by every layer. Set by a hook before each forward and kept until the next one: gradient checkpointing
+    replays the layers during backward."""
 
-    doc: object = None
-    masks: dict = {}
+    def __init__(self):
+        self.doc = None
+        self.masks: dict = {}
+
+    def block_mask(self, window: int | None, n: int, device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        key = (window, n)
+        if key not in self.masks:
+            doc = self.doc
+
+            def same_row_causal(b, h, q, kv):
+                keep = (q >= kv) & (doc[q] == doc[kv])
+                if window:
+                    keep = keep & (q - kv < window)  # as transformers and Unsloth: the query and 127 keys before it
+                return keep
+
+            self.masks[key] = create_block_mask(same_row_causal, None, None, n, n, device=device,
+                                                _compile=device.type == "cuda")
+        return self.masks[key]
 
 
-def enable_packed_attention_unsloth(model) -> None:
+def enable_packed_attention_unsloth(model) -> int:
     """Make Unsloth's gpt-oss training attention keep packed rows apart.
 
-    Under Unsloth 2026.10.9, gpt-oss trains through unsloth_zoo's flex_attention_with_sink, which drops the model's
-    attention mask and builds its own causal (or 128-token sliding-window) BlockMask from the shapes alone, through
-    the module-level `reused_compiled_create_block_mask` of unsloth_zoo.flex_attention.attention_sink. That is why
-    Unsloth switches packing off for gpt-oss. Here that one name is wrapped: when the batch is packed (position ids
-    that restart, from a hook on the decoder), the mask Unsloth asked for is intersected with "same row" before the
-    block mask is built; the sinks are added after attention from the log-sum-exp and stay per row. No Unsloth
-    file is changed; scripts/packing_check.py measures the result on the GPU."""
+    Under Unsloth 2026.10.9 a gpt-oss layer in training calls unsloth_zoo's flex_attention_with_sink(self, q, k, v):
+    the model's mask is dropped and a causal (or 128-token sliding-window) BlockMask is built from the shapes alone,
+    so packed rows see each other - why Unsloth switches packing off for gpt-oss. Here each attention module's
+    forward is wrapped (per instance; no Unsloth file changes): in training, for a packed batch (position ids that
+    restart, noted by a hook on the decoder), it runs the same flex attention with a mask that also requires the
+    same row, and adds the sinks as Unsloth does (out * sigmoid(lse - sink), per query, so per row). Anything else
+    goes to Unsloth's forward. scripts/packing_check.py measures it on the GPU."""
+    import types
+
     import torch
+    from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
 
     try:
-        from torch.nn.attention.flex_attention import and_masks, create_block_mask
-        from unsloth_zoo.flex_attention import attention_sink
+        from unsloth_zoo.flex_attention.utils import (FLEX_LSE_KWARGS, PREFILL_KERNEL_OPTIONS, flex_attention,
+                                                      flex_output_and_lse)
     except ImportError as exc:  # pragma: no cover - GPU stack only
         raise BackendError(f"packing under Unsloth needs unsloth_zoo's flex attention ({exc}); "
                            "set packing = false") from exc
-    if not hasattr(attention_sink, "reused_compiled_create_block_mask"):
-        raise BackendError("packing: this unsloth_zoo has no reused_compiled_create_block_mask in "
-                           "flex_attention.attention_sink (swft-lite was checked against unsloth_zoo 2026.10.9); "
-                           "set packing = false")
-
-    if not getattr(attention_sink, "_swft_packed", False):
-        original = attention_sink.reused_compiled_create_block_mask
-
-        def block_mask_for_rows(mask_mod, bsz, head, M, N, device="cuda"):
-            doc = _PackedRows.doc
-            if doc is None or M != N or doc.shape[-1] != M:
-                return original(mask_mod, bsz, head, M, N, device=device)
-            key = (mask_mod, M)
-            if key not in _PackedRows.masks:
-                def same_row(b, h, q_idx, kv_idx):
-                    return doc[q_idx] == doc[kv_idx]
-
-                _PackedRows.masks[key] = create_block_mask(and_masks(mask_mod, same_row), None, None, M, N,
-                                                           device=device)
-            return _PackedRows.masks[key]
-
-        attention_sink.reused_compiled_create_block_mask = block_mask_for_rows
-        attention_sink._swft_packed = True
 
     decoder = _gpt_oss_decoder(model)
     if getattr(decoder, "_swft_packed_attention", False):
-        return
+        return 0
+    rows = _PackedRows()
 
-    def hook(module, args, kwargs):
+    def note_rows(module, args, kwargs):
         positions = kwargs.get("position_ids")
-        _PackedRows.masks = {}
-        _PackedRows.doc = None
-        if positions is not None and positions.shape[0] == 1 and kwargs.get("past_key_values") is None:
+        rows.masks, rows.doc = {}, None
+        if (positions is not None and positions.shape[0] == 1 and kwargs.get("past_key_values") is None
+                and module.training):
             starts = positions[0] == 0
             if int(starts.sum()) > 1:
-                _PackedRows.doc = torch.cumsum(starts.to(torch.int32), 0)
-        return None
+                rows.doc = torch.cumsum(starts.to(torch.int32), 0)
 
-    decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    decoder.register_forward_pre_hook(note_rows, with_kwargs=True)
     decoder._swft_packed_attention = True
+
+    def packed_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
+                       **kwargs):
+        if not (self.training and rows.doc is not None and past_key_values is None):
+            return self._swft_unpacked_forward(hidden_states, position_embeddings, attention_mask,
+                                               past_key_values, **kwargs)
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        out, lse = flex_output_and_lse(flex_attention(
+            q, k, v, block_mask=rows.block_mask(self.sliding_window, q.shape[2], q.device),
+            enable_gqa=self.num_key_value_groups != 1, scale=self.scaling, kernel_options=PREFILL_KERNEL_OPTIONS,
+            **FLEX_LSE_KWARGS))
+        out = out * torch.sigmoid(lse - self.sinks.view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+        out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(out), None
+
+    patched = 0
+    for module in model.modules():
+        if type(module).__name__ == "GptOssAttention":
+            module._swft_unpacked_forward = module.forward
+            module.forward = types.MethodType(packed_forward, module)
+            patched += 1
+    if not patched:
+        raise BackendError("packing: no GptOssAttention module found to patch; set packing = false")
+    return patched

@@ -245,7 +245,8 @@ def with_batch_sampler(trainer_cls):
     return BatchSamplerTrainer
 
 
-def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool = True) -> float:
+def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool = True,
+                           reduce: str = "max") -> float:
     """Max |logit difference| between every row run alone and the same rows packed into one sequence.
 
     The proof that packing keeps rows apart on a given model and attention path (eager, sdpa, Unsloth's): 0 up to
@@ -257,7 +258,7 @@ def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool =
     if not restart_positions:
         packed["position_ids"] = torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)
     device = next(model.parameters()).device
-    worst = 0.0
+    worst, total, count = 0.0, 0.0, 0
     with torch.no_grad():
         together = model(input_ids=packed["input_ids"].to(device),
                          position_ids=packed["position_ids"].to(device), use_cache=False).logits[0].float()
@@ -265,6 +266,9 @@ def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool =
         for r in rows:
             n = len(r["input_ids"])
             alone = model(input_ids=torch.tensor([r["input_ids"]], device=device), use_cache=False).logits[0].float()
-            worst = max(worst, float((together[start:start + n] - alone).abs().max()))
+            diff = (together[start:start + n] - alone).abs()
+            worst = max(worst, float(diff.max()))
+            if start:  # the first row sees nothing before it either way: the mean is over the rows after it
+                total, count = total + float(diff.sum()), count + diff.numel()
             start += n
-    return worst
+    return worst if reduce == "max" else total / max(count, 1)
