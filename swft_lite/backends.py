@@ -173,9 +173,12 @@ def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None)
     from unsloth import FastLanguageModel
 
     dtype = training_dtype()
+    # A packed pass is one sequence of up to token_budget tokens (its rows' positions restart, so RoPE never goes
+    # past max_seq_length); Unsloth sizes its kernels by the longest sequence it is told about.
+    longest = max(profile.max_seq_length, profile.token_budget if profile.packing else 0)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_path,
-        max_seq_length=profile.max_seq_length,
+        max_seq_length=longest,
         load_in_4bit=profile.load_in_4bit,
         dtype=dtype,
         full_finetuning=False,
@@ -188,7 +191,7 @@ def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None)
         model,
         use_gradient_checkpointing=unsloth_gradient_checkpointing(profile),
         random_state=3407,
-        max_seq_length=profile.max_seq_length,
+        max_seq_length=longest,
         **lora_kwargs(profile),
     )
     return model, tokenizer
@@ -251,19 +254,32 @@ def enable_packed_attention(model) -> None:
 
 
 class _PackedRows:
-    """The row index of every position of the packed batch in the model now (None: not packed) and its block masks,
-    shared by every layer. Set by a hook before each forward and kept until the next one: gradient checkpointing
-    replays the layers during backward."""
+    """The row index of every position of the packed batch in the model now and its block masks, shared by every
+    layer. Set by a hook before each forward and kept until the next one: gradient checkpointing replays the layers
+    during backward.
+
+    The row indices live in one device buffer, overwritten in place while the sequence length stays the same (packed
+    passes are filled to the token budget), and the mask functions that read it are made once per buffer: the
+    compiled block-mask builder and flex attention then see the same function every pass and do not recompile."""
 
     def __init__(self):
+        self.active = False
         self.doc = None
         self.masks: dict = {}
+        self._mask_mods: dict = {}
 
-    def block_mask(self, window: int | None, n: int, device):
-        from torch.nn.attention.flex_attention import create_block_mask
+    def set(self, doc) -> None:
+        if self.doc is not None and self.doc.shape == doc.shape and self.doc.device == doc.device:
+            self.doc.copy_(doc)
+        else:
+            self.doc, self._mask_mods = doc, {}
+        self.masks, self.active = {}, True
 
-        key = (window, n)
-        if key not in self.masks:
+    def clear(self) -> None:
+        self.masks, self.active = {}, False
+
+    def mask_mod(self, window: int | None):
+        if window not in self._mask_mods:
             doc = self.doc
 
             def same_row_causal(b, h, q, kv):
@@ -272,9 +288,16 @@ class _PackedRows:
                     keep = keep & (q - kv < window)  # as transformers and Unsloth: the query and 127 keys before it
                 return keep
 
-            self.masks[key] = create_block_mask(same_row_causal, None, None, n, n, device=device,
-                                                _compile=device.type == "cuda")
-        return self.masks[key]
+            self._mask_mods[window] = same_row_causal
+        return self._mask_mods[window]
+
+    def block_mask(self, window: int | None, n: int, device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if window not in self.masks:
+            self.masks[window] = create_block_mask(self.mask_mod(window), None, None, n, n, device=device,
+                                                   _compile=device.type == "cuda")
+        return self.masks[window]
 
 
 def enable_packed_attention_unsloth(model) -> int:
@@ -306,19 +329,19 @@ def enable_packed_attention_unsloth(model) -> int:
 
     def note_rows(module, args, kwargs):
         positions = kwargs.get("position_ids")
-        rows.masks, rows.doc = {}, None
+        rows.clear()
         if (positions is not None and positions.shape[0] == 1 and kwargs.get("past_key_values") is None
                 and module.training):
             starts = positions[0] == 0
             if int(starts.sum()) > 1:
-                rows.doc = torch.cumsum(starts.to(torch.int32), 0)
+                rows.set(torch.cumsum(starts.to(torch.int32), 0))
 
     decoder.register_forward_pre_hook(note_rows, with_kwargs=True)
     decoder._swft_packed_attention = True
 
     def packed_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                        **kwargs):
-        if not (self.training and rows.doc is not None and past_key_values is None):
+        if not (self.training and rows.active and past_key_values is None):
             return self._swft_unpacked_forward(hidden_states, position_embeddings, attention_mask,
                                                past_key_values, **kwargs)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)

@@ -8,7 +8,7 @@ ways to fill a pass, chosen by the profile:
   of as many rows as fit `rows x longest row <= token_budget`; rows of similar length sit together, so padding
   stays small. The number of rows per micro-batch varies.
 - packing (`token_budget`, `packing = true`): rows are packed best-fit-decreasing into sequences of at most
-  `token_budget` tokens, one sequence per micro-batch, no padding. Position ids restart at 0 for every row; the
+  `token_budget` tokens, one sequence per micro-batch, filled up to the budget. Position ids restart at 0 for every row; the
   attention implementation (backends) builds a mask that keeps each row to itself, sliding window and sinks
   included, so every row computes exactly what it computes alone (tests/test_batching.py proves it).
 
@@ -146,7 +146,7 @@ def plan_batches(lengths: list[int], mode: str, *, token_budget: int = 0, batch_
         padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     elif mode == "packed":
         batches = packed_batches(lengths, token_budget, seed)
-        padded = tokens
+        padded = len(batches) * token_budget  # every pass is filled to the budget (PackedCollator's pad_to)
     else:
         raise ValueError(f"unknown batching mode {mode!r}")
     return batches, BatchPlan(mode, len(lengths), len(batches), tokens, padded, token_budget,
@@ -189,7 +189,15 @@ class PackedCollator:
     No attention_mask: given position ids that restart and no mask, transformers builds a mask that keeps each row
     to itself (masking_utils.find_packed_sequence_indices), and so does swft-lite's patch of Unsloth's attention.
     The first token of every row gets label -100: the loss shifts labels by one, and that token would otherwise be
-    predicted from the previous row's last token. Alone, a row's first token is never a target either."""
+    predicted from the previous row's last token. Alone, a row's first token is never a target either.
+
+    `pad_to` fills the sequence up to that length with one more row of padding (label -100, its own positions, so
+    it is attended to by nothing else): every pass then has the same shape, and Unsloth's compiled kernels, which
+    recompile for a new shape, compile once (benchmarks/RESULTS.md measures the difference)."""
+
+    def __init__(self, pad_to: int | None = None, pad_token_id: int = 0):
+        self.pad_to = pad_to
+        self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -202,13 +210,21 @@ class PackedCollator:
             row_labels[0] = IGNORE
             labels.extend(row_labels)
             positions.extend(range(n))
+        fill = (self.pad_to or 0) - len(ids)
+        if fill > 0:
+            ids.extend([self.pad_token_id] * fill)
+            labels.extend([IGNORE] * fill)
+            positions.extend(range(fill))
         return {"input_ids": torch.tensor([ids], dtype=torch.long),
                 "labels": torch.tensor([labels], dtype=torch.long),
                 "position_ids": torch.tensor([positions], dtype=torch.long)}
 
 
-def collator_for(mode: str, pad_token_id: int):
-    return PackedCollator() if mode == "packed" else PaddedCollator(pad_token_id)
+def collator_for(mode: str, pad_token_id: int, token_budget: int | None = None):
+    """The collator of a batching mode; packed passes are filled to the token budget (one shape for every pass)."""
+    if mode == "packed":
+        return PackedCollator(pad_to=token_budget, pad_token_id=pad_token_id)
+    return PaddedCollator(pad_token_id)
 
 
 def dataset_lengths(dataset) -> list[int]:
@@ -245,20 +261,21 @@ def with_batch_sampler(trainer_cls):
     return BatchSamplerTrainer
 
 
-def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool = True,
-                           reduce: str = "max") -> float:
-    """Max |logit difference| between every row run alone and the same rows packed into one sequence.
+def packed_row_errors(model, rows: list[dict], *, restart_positions: bool = True) -> list[dict]:
+    """For every row, max and mean |logit difference| between the row run alone and the same row inside the rows
+    packed into one sequence.
 
-    The proof that packing keeps rows apart on a given model and attention path (eager, sdpa, Unsloth's): 0 up to
-    rounding when the mask confines each row, large when rows see each other. `restart_positions=False` packs with
-    positions that run on across rows, which hides the boundaries from the mask: the leak the check must catch."""
+    The first row sees nothing before it in either case (causality), so its difference is the numerical noise of
+    running in a longer sequence alone; a mask that lets rows see each other shows up in the rows after it.
+    `restart_positions=False` packs with positions that run on across rows, which hides the boundaries from the
+    mask: the leak the check must catch."""
     import torch
 
     packed = PackedCollator()(rows)
     if not restart_positions:
         packed["position_ids"] = torch.arange(packed["input_ids"].shape[1]).unsqueeze(0)
     device = next(model.parameters()).device
-    worst, total, count = 0.0, 0.0, 0
+    errors = []
     with torch.no_grad():
         together = model(input_ids=packed["input_ids"].to(device),
                          position_ids=packed["position_ids"].to(device), use_cache=False).logits[0].float()
@@ -267,8 +284,20 @@ def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool =
             n = len(r["input_ids"])
             alone = model(input_ids=torch.tensor([r["input_ids"]], device=device), use_cache=False).logits[0].float()
             diff = (together[start:start + n] - alone).abs()
-            worst = max(worst, float(diff.max()))
-            if start:  # the first row sees nothing before it either way: the mean is over the rows after it
-                total, count = total + float(diff.sum()), count + diff.numel()
+            errors.append({"tokens": n, "max": float(diff.max()), "mean": float(diff.mean())})
             start += n
-    return worst if reduce == "max" else total / max(count, 1)
+    return errors
+
+
+def packed_isolation_error(model, rows: list[dict], *, restart_positions: bool = True,
+                           reduce: str = "max") -> float:
+    """Max |logit difference| between every row run alone and the same rows packed into one sequence (reduce="mean":
+    the mean over the rows after the first, the only ones a leak can reach).
+
+    The proof that packing keeps rows apart on a given model and attention path (eager, sdpa, Unsloth's): 0 up to
+    rounding when the mask confines each row, large when rows see each other."""
+    errors = packed_row_errors(model, rows, restart_positions=restart_positions)
+    if reduce == "max":
+        return max(e["max"] for e in errors)
+    later = errors[1:] or errors
+    return sum(e["mean"] * e["tokens"] for e in later) / sum(e["tokens"] for e in later)

@@ -562,7 +562,7 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
             batches, _ = plan_batches(dataset_lengths(trainer.train_dataset), mode,
                                       token_budget=profile.token_budget, seed=options.seed)
             trainer.swft_batch_sampler = EpochBatchSampler(batches, options.seed)
-            trainer.data_collator = collator_for(mode, tokenizer.pad_token_id)
+            trainer.data_collator = collator_for(mode, tokenizer.pad_token_id, profile.token_budget)
         counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training)
         trainer.data_collator = counter
         trainer.add_callback(_callbacks(stop, run_log, counter, tb_writer))

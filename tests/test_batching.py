@@ -31,14 +31,16 @@ def test_budget_batches_fit_the_budget_and_cover_every_row_once(budget):
     assert plan.fill_fraction > 0.8
 
 
-def test_packed_batches_fill_sequences_without_padding():
+def test_packed_batches_fill_sequences_nearly_full():
     lengths = lognormal_lengths()
     batches = packed_batches(lengths, 8192, seed=3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 8192 for b in batches)
     _, plan = plan_batches(lengths, "packed", token_budget=8192, seed=3)
-    assert plan.padding_fraction == 0.0
     assert plan.fill_fraction > 0.95  # best-fit decreasing leaves little room unused
+    # Each pass is filled up to the budget: what best-fit leaves unused is the padding.
+    assert plan.padded_tokens == plan.micro_batches * 8192
+    assert plan.padding_fraction == pytest.approx(1 - plan.fill_fraction)
 
 
 def test_a_row_longer_than_the_budget_is_refused():
@@ -71,6 +73,11 @@ def test_collators_pad_and_pack():
     # A row's first token is never a target (it would be predicted from the previous row's last token).
     assert packed["labels"].tolist() == [[-100, 6, 7, -100, 9]]
     assert "attention_mask" not in packed
+    # Filled to the budget: one more row of padding, never a target, with positions of its own.
+    filled = PackedCollator(pad_to=8, pad_token_id=0)(rows)
+    assert filled["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert filled["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert filled["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]
 
 
 # --- on a tiny gpt-oss (fp32, CPU) ---------------------------------------------------------------------------------
@@ -175,8 +182,9 @@ def _relative_difference(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["budget", "packed"])
 def test_a_step_has_the_gradient_of_its_rows_one_at_a_time(tiny_model_dir, tokenizer, tmp_path, mode):
-    """However rows are spread over micro-batches (3 rows in one pass, 1 in the next, padded or packed), the step's
-    gradient equals that of the same rows one at a time, normalised per trained token (fp32, relative <= 1e-4)."""
+    """However rows are spread over micro-batches (3 rows in one pass, 1 in the next, padded, or packed and filled
+    to the budget), the step's gradient equals that of the same rows one at a time, normalised per trained token
+    (fp32, relative <= 1e-4)."""
     from swft_lite.backends import load_for_training
     from swft_lite.batching import collator_for
     from swft_lite.profiles import Profile
@@ -192,8 +200,8 @@ def test_a_step_has_the_gradient_of_its_rows_one_at_a_time(tiny_model_dir, token
     lengths = [len(r["input_ids"]) for r in rows]
     batches = (budget_batches if mode == "budget" else packed_batches)(lengths, profile.token_budget, seed=0)
     assert len(batches) >= 2 and max(len(b) for b in batches) >= 2  # several rows in a pass, several passes
-    trainer = _trainer(model, tokenizer, rows, batches, collator_for(mode, tokenizer.pad_token_id), tmp_path,
-                       accumulation=len(batches))
+    trainer = _trainer(model, tokenizer, rows, batches, collator_for(mode, tokenizer.pad_token_id, profile.token_budget),
+                       tmp_path, accumulation=len(batches))
     got = _trainer_step_grads(trainer, len(batches))
     want = _one_row_at_a_time_grads(trainer.model, rows)
     assert set(got) == set(want) and any("experts" in k for k in want)
