@@ -7,6 +7,7 @@ and `profiles` answer at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -15,13 +16,35 @@ import click
 
 from swft_lite import __version__
 from swft_lite import profiles as profiles_mod
-from swft_lite.profiles import PROFILE_FIELDS, Profile, ProfileError
+from swft_lite.errors import SwftError
+from swft_lite.profiles import PROFILE_FIELDS, Profile
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-paragraph error for a person and exit; no traceback for mistakes the user can fix."""
     click.secho(f"Error: {message}", fg="red", err=True)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def usage_stage():
+    """A SwftError raised in here is about what was typed (a profile, a file that can't be read): exit 2. One raised
+    by work that has started exits 1 (`SwftError.exit_code`)."""
+    try:
+        yield
+    except SwftError as exc:
+        exc.exit_code = 2
+        raise
+
+
+class SwftGroup(click.Group):
+    """The one place where a user-fixable error (every `SwftError`, of any command) becomes one `Error:` line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SwftError as exc:
+            fail(str(exc), code=exc.exit_code)
 
 
 # --- profile overrides ---------------------------------------------------------------------------------------------
@@ -55,14 +78,12 @@ def profile_options(func):
 
 def resolve_profile(profile_ref: str, set_values: tuple[str, ...], flag_values: dict) -> Profile:
     overrides: dict = {}
-    try:
+    with usage_stage():
         for text in set_values:
             key, value = profiles_mod.parse_override(text)
             overrides[key] = value
         overrides.update({k: v for k, v in flag_values.items() if k in PROFILE_FIELDS and v is not None})
         return profiles_mod.load_profile(profile_ref, overrides)
-    except ProfileError as exc:
-        fail(str(exc))
 
 
 def pop_profile_flags(kwargs: dict) -> dict:
@@ -72,7 +93,7 @@ def pop_profile_flags(kwargs: dict) -> dict:
 # --- the group -----------------------------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=SwftGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, "--version", prog_name="swft-lite")
 def main():
     """Fine-tune openai/gpt-oss-20b with LoRA on your own GPU, and take it home as merged weights and a GGUF.
@@ -101,10 +122,8 @@ def profiles_group(ctx):
     """
     if ctx.invoked_subcommand is not None:
         return
-    try:
+    with usage_stage():
         rows = profiles_mod.all_profiles()
-    except ProfileError as exc:
-        fail(str(exc))
     header = ("profile", "VRAM", "seq len", "batch x accum", "LoRA", "targets", "4-bit", "grad ckpt", "optimizer")
     table = [header]
     for p in rows:
@@ -217,17 +236,8 @@ def train_cmd(profile_ref, set_values, **kwargs):
         run_dir = train(profile, options, echo=click.echo)
     except KeyboardInterrupt:
         fail("aborted; the run folder keeps the last saved checkpoint", code=130)
-    except Exception as exc:  # user-fixable errors of every module end here as one readable line
-        if not _is_user_error(exc):
-            raise
-        fail(str(exc), code=1)
     if run_dir is not None:
         click.secho(f"done: {run_dir}", fg="green")
-
-
-def _is_user_error(exc: Exception) -> bool:
-    names = {"TrainError", "DataError", "BackendError", "MergeError", "ProfileError", "ExportError"}
-    return any(cls.__name__ in names for cls in type(exc).__mro__)
 
 
 def _recommended_profile_name() -> str:
@@ -259,10 +269,8 @@ def detect_cmd(output_dir, as_json):
     from swft_lite import hardware
 
     report = hardware.gather(output_dir)
-    try:
+    with usage_stage():
         profiles = profiles_mod.all_profiles()
-    except ProfileError as exc:
-        fail(str(exc))
     profile, reason = hardware.recommend_profile(report.gpu.gpus, profiles)
     tailored = hardware.tailored_plan(report.gpu.gpus[0], profile) if report.gpu.gpus else None
     render = hardware.to_json if as_json else hardware.format_report
@@ -310,11 +318,9 @@ def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning
     profile = resolve_profile(profile_ref, (), {"max_seq_length": max_seq_length})
     options = data_mod.DataOptions(max_seq_length=profile.max_seq_length, mask=mask, overlong=overlong, format=fmt,
                                    reasoning_effort=reasoning_effort)
-    try:
+    with usage_stage():  # FILE can't be read at all: exit 2 (bad rows are reported and exit 1 below)
         result = data_mod.check_file(path, options, show=max(0, show), length_source=(
             f"profile {profile.name}" if max_seq_length is None else "--max-seq-length"))
-    except data_mod.DataError as exc:
-        fail(str(exc))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -355,15 +361,11 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
 
     flags.update({k: v for k, v in (("max_seq_length", seq), ("per_device_batch_size", batch),
                                      ("lora_rank", rank)) if v is not None})
-    try:
+    with usage_stage():
         shape = est.load_shape(model)
-    except ProfileError as exc:
-        fail(str(exc))
     if plan_gib is not None:
-        try:
+        with usage_stage():
             planned = est.plan_for_card(plan_gib, stack=stack, shape=shape)
-        except ProfileError as exc:
-            fail(str(exc))
         overrides = {k: v for k, v in flags.items() if v is not None}
         profiles = [dataclasses.replace(planned, **overrides)]
         gpu_gib = plan_gib if gpu_gib is None else gpu_gib
@@ -372,10 +374,8 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
     else:
         profiles = [resolve_profile(name, set_values, flags) for name in profiles_mod.shipped_profile_names()]
         profiles.sort(key=lambda p: (p.vram_budget_gib, p.name))
-    try:
+    with usage_stage():
         results = [est.estimate(p, shape, stack=stack, card_gib=gpu_gib) for p in profiles]
-    except ProfileError as exc:
-        fail(str(exc))
     single = len(profiles) == 1
     if as_json:
         if single:
@@ -431,14 +431,11 @@ def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, d
     We do not use Unsloth's save_pretrained_merged: on a multi-file gpt-oss base it could not tell the expert
     layout apart (expert width == hidden size) and wrote a wrong model.
     """
-    from swft_lite.merge import MergeError, merge_adapter
+    from swft_lite.merge import merge_adapter
 
-    try:
-        report = merge_adapter(source, base=base, out=out, overwrite=overwrite, verify=not no_verify,
-                               max_shard_size=max_shard_size, device=device,
-                               dtype=None if dtype == "auto" else dtype, log=click.echo)
-    except MergeError as exc:
-        fail(str(exc), code=1)
+    report = merge_adapter(source, base=base, out=out, overwrite=overwrite, verify=not no_verify,
+                           max_shard_size=max_shard_size, device=device,
+                           dtype=None if dtype == "auto" else dtype, log=click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
 
@@ -471,19 +468,15 @@ def save_gguf_cmd(source, quant, out, llama_cpp, fetch_converter, overwrite, no_
     A Modelfile with gpt-oss's harmony template is written beside it: `ollama create NAME -f Modelfile`.
     """
     from swft_lite.gguf_export import export_gguf, fetch_converter as fetch
-    from swft_lite.merge import MergeError  # GGUFError is one; a run without merged/ is merged first
 
-    try:
+    if fetch_converter:
+        fetch(log=click.echo)
+    if source is None:
         if fetch_converter:
-            fetch(log=click.echo)
-        if source is None:
-            if fetch_converter:
-                return
-            fail("give RUN_DIR or MERGED_DIR")
-        report = export_gguf(source, quant=quant.lower(), out=out, llama_cpp=llama_cpp, verify=not no_verify,
-                             overwrite=overwrite, modelfile=not no_modelfile, log=click.echo)
-    except MergeError as exc:
-        fail(str(exc), code=1)
+            return
+        fail("give RUN_DIR or MERGED_DIR")
+    report = export_gguf(source, quant=quant.lower(), out=out, llama_cpp=llama_cpp, verify=not no_verify,
+                         overwrite=overwrite, modelfile=not no_modelfile, log=click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
 

@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from swft_lite import __version__
+from swft_lite.errors import SwftError
 
 __all__ = [
     "DataError", "DataOptions", "PreparedData", "CheckResult", "Problem", "prepare_data", "check_file",
@@ -131,7 +132,7 @@ class Problem:
         return f"{self.source}:{where}: {self.message}"
 
 
-class DataError(ValueError):
+class DataError(SwftError, ValueError):
     """The data can't be used; the message lists the problems as `FILE:LINE: what is wrong`."""
 
     def __init__(self, message: str, problems: list[Problem] | None = None, total: int | None = None):

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from swft_lite.merge import MergeError, compare_logits, load_tokenizer, probe_token_ids
+from swft_lite.errors import GGUFError, GGUFVerificationError
+from swft_lite.merge import compare_logits, load_tokenizer, probe_token_ids
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # whose vendored llama.cpp we fetch when none is installed
 CACHE_DIR = Path(os.environ.get("SWFT_CACHE", Path.home() / ".cache" / "swft-lite"))
@@ -92,16 +93,6 @@ GPT_OSS_TENSORS_PER_LAYER = 19   # attn_norm, attn_{q,k,v,output}.{weight,bias},
 GPT_OSS_GLOBAL_TENSORS = 3       # ffn_gate_inp.{weight,bias}, ffn_{gate,up,down}_exps.{weight,bias}; token_embd,
 #                                  output_norm, output
 GENERATE_TOKENS = 8
-
-
-class GGUFError(MergeError):
-    pass
-
-
-class GGUFVerificationError(GGUFError):
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
 
 
 # --- finding llama.cpp -----------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from swft_lite.errors import MergeError, VerificationError
+
 # --- thresholds ----------------------------------------------------------------------------------------------------
 # What "the merged model is the trained model" means, measured on the probe tokens (425 positions) against base +
 # adapter (PEFT, unmerged, same device and dtype). Per position we take KL(base+adapter || merged); the gate is their
@@ -89,16 +91,6 @@ KL_TRIM = 0.02
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-
-
-class MergeError(RuntimeError):
-    """A merge that cannot be done or did not verify. The message is for a person."""
-
-
-class VerificationError(MergeError):
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
 
 
 # --- probe tokens --------------------------------------------------------------------------------------------------

@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swft_lite.errors import ProfileError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-
-class ProfileError(ValueError):
-    """A profile file or override is wrong; the message names the file, the key and what was expected."""
 
 
 def _f(default, help: str, *, choices: tuple | None = None, min: float | None = None,

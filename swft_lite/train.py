@@ -29,13 +29,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from swft_lite import __version__
+from swft_lite.errors import TrainError
 from swft_lite.profiles import Profile
 
 RUN_JSON = "run.json"
-
-
-class TrainError(RuntimeError):
-    """A run cannot start or continue; the message says why and what to change."""
 
 
 @dataclass
