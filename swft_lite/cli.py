@@ -16,8 +16,10 @@ import click
 
 from swft_lite import __version__
 from swft_lite import profiles as profiles_mod
+from swft_lite.data.options import DataOptions
 from swft_lite.errors import SwftError
 from swft_lite.profiles import PROFILE_FIELDS, Profile
+from swft_lite.train import TrainOptions
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -45,6 +47,22 @@ class SwftGroup(click.Group):
             return super().invoke(ctx)
         except SwftError as exc:
             fail(str(exc), code=exc.exit_code)
+
+
+# --- flags from dataclasses ---------------------------------------------------------------------------------------
+# A flag whose value lands in an options dataclass takes its default, choices and help from that dataclass's field
+# (swft_lite.data.options.option), so they are typed once.
+
+
+def field_option(cls, name: str, *, help: str | None = None):  # noqa: A002 - click's word
+    """The click option --NAME for field `name` of dataclass `cls`: its default (shown), its choices, its type and
+    its help (`help` replaces the field's where a command words it for its own use)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    meta = f.metadata or {}
+    kwargs = {"default": f.default, "show_default": True, "help": help or meta.get("help")}
+    if meta.get("choices"):
+        kwargs["type"] = click.Choice(list(meta["choices"]))
+    return click.option("--" + name.replace("_", "-"), **kwargs)
 
 
 # --- profile overrides ---------------------------------------------------------------------------------------------
@@ -187,16 +205,11 @@ def profiles_show(profile_ref, as_json, set_values, **flags):
               help="Keep the last K checkpoints.")
 @click.option("--early-stopping-patience", type=click.IntRange(1), default=None,
               help="Stop when eval loss has not improved for N evaluations (needs eval data).")
-@click.option("--mask", type=click.Choice(["assistant", "final", "all"]), default="assistant", show_default=True,
-              help="Which tokens are trained. assistant: the reasoning (analysis) and the answer (final). final: "
-                   "the answer only - teaches a reasoning model to stop reasoning. all: every token.")
-@click.option("--overlong", type=click.Choice(["drop", "truncate"]), default="drop", show_default=True,
-              help="Rows longer than max_seq_length are dropped, or cut at the end.")
-@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
-              show_default=True, help="Reasoning level in the harmony system block for rows that set none.")
-@click.option("--date", default="2025-06-28", show_default=True,
-              help="'Current date' in the system block: fixed, so the same data trains the same way every day.")
-@click.option("--seed", type=int, default=3407, show_default=True)
+@field_option(TrainOptions, "mask")
+@field_option(TrainOptions, "overlong")
+@field_option(TrainOptions, "reasoning_effort")
+@field_option(TrainOptions, "date")
+@field_option(TrainOptions, "seed")
 @click.option("--resume", is_flag=True, help="Continue --run-name from its last checkpoint (refused if the data or "
               "settings changed).")
 @click.option("--force-resume", is_flag=True, help="Resume even though data or settings changed.")
@@ -225,7 +238,7 @@ def train_cmd(profile_ref, set_values, **kwargs):
     --overwrite. Ctrl-C saves a checkpoint and stops; --resume --run-name NAME continues it. Any profile value can
     be overridden: --lora-rank 8, --max-seq-length 2048, or --set key=value.
     """
-    from swft_lite.train import TrainOptions, train
+    from swft_lite.train import train
 
     flags = pop_profile_flags(kwargs)
     if profile_ref is None:
@@ -294,16 +307,11 @@ def data_group():
 @click.option("--profile", "profile_ref", default="rtx4090", show_default=True,
               help="Profile whose max_seq_length rows are measured against.")
 @click.option("--max-seq-length", type=int, default=None, help="Override the profile's max_seq_length.")
-@click.option("--mask", type=click.Choice(["assistant", "final", "all"]), default="assistant", show_default=True,
-              help="Which tokens are trained. 'assistant': every assistant message (reasoning, tool calls, answer, "
-                   "with their channel headers and terminators). 'final': the answers only - that teaches a "
-                   "reasoning model to answer without the reasoning that led there. 'all': every token.")
-@click.option("--overlong", type=click.Choice(["drop", "truncate"]), default="drop", show_default=True,
-              help="What training does with rows longer than max_seq_length.")
+@field_option(DataOptions, "mask")
+@field_option(DataOptions, "overlong", help="What training does with rows longer than max_seq_length.")
 @click.option("--format", "fmt", type=click.Choice(["chat", "prompt_completion", "alpaca", "text"]), default=None,
               help="Force the row format (default: detected from the first row).")
-@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
-              show_default=True, help="Reasoning effort in the system block for rows that set none.")
+@field_option(DataOptions, "reasoning_effort", help="Reasoning effort in the system block for rows that set none.")
 @click.option("--show", type=int, default=0, metavar="N", help="Print N rendered rows with untrained text «marked».")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning_effort, show, as_json):

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from swft_lite import __version__
+from swft_lite.data.options import DataOptions, same_as
 from swft_lite.errors import TrainError
 from swft_lite.profiles import Profile
 from swft_lite.run_folder import RUN_JSON, RunFolder, RunRecord
@@ -48,16 +49,16 @@ class TrainOptions:
     save_steps: int = 100
     save_total_limit: int = 3
     early_stopping_patience: int | None = None
-    seed: int = 3407
+    seed: int = same_as(DataOptions, "seed")
     resume: bool = False
     force_resume: bool = False
     overwrite: bool = False
     merge: bool = True
     wandb: bool = False
-    mask: str = "assistant"
-    overlong: str = "drop"
-    reasoning_effort: str = "medium"
-    date: str = "2025-06-28"
+    mask: str = same_as(DataOptions, "mask")
+    overlong: str = same_as(DataOptions, "overlong")
+    reasoning_effort: str = same_as(DataOptions, "reasoning_effort")
+    date: str = same_as(DataOptions, "date")
     num_proc: int | None = None
     dry_run: bool = False                 # print the plan (data, batches, steps, memory, time) and stop
 

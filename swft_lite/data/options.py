@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,16 +51,38 @@ class DataError(SwftError, ValueError):
         super().__init__(message)
 
 
+def option(default, help: str | None = None, *, choices: tuple | None = None):  # noqa: A002 - click's word
+    """A dataclass field that is also a command-line flag: its default, choices and help are typed here once, and
+    `swft_lite.cli.field_option` builds the click option from them (TRL's dataclass-as-flags style)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def same_as(cls, name: str):
+    """The field `name` of dataclass `cls` again (default, choices and help), for an options class that hands the
+    value on - TrainOptions' data flags are DataOptions'."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=f.default, metadata=f.metadata)
+
+
 @dataclass
 class DataOptions:
     max_seq_length: int = 2048
-    mask: str = "assistant"           # "assistant" (analysis+final of every assistant turn) | "final" | "all"
-    overlong: str = "drop"            # "drop" | "truncate"
-    reasoning_effort: str = "medium"  # default when a row has none: low|medium|high
-    date: str = DEFAULT_DATE          # fixed "Current date" in the system block; never today's date
+    # "assistant" (analysis+final of every assistant turn) | "final" | "all"
+    mask: str = option("assistant", choices=MASKS, help=(
+        "Which tokens are trained. 'assistant': every assistant message (reasoning, tool calls, answer, with their "
+        "channel headers and terminators). 'final': the answers only - that teaches a reasoning model to answer "
+        "without the reasoning that led there. 'all': every token."))
+    overlong: str = option("drop", choices=OVERLONG, help="Rows longer than max_seq_length are dropped, or cut at "
+                                                          "the end.")
+    # default when a row has none
+    reasoning_effort: str = option("medium", choices=EFFORTS, help="Reasoning level in the harmony system block for "
+                                                                   "rows that set none.")
+    # fixed "Current date" in the system block; never today's date
+    date: str = option(DEFAULT_DATE, help="'Current date' in the system block: fixed, so the same data trains the "
+                                          "same way every day.")
     model_identity: str | None = None  # None: harmony's default identity
     eval_fraction: float = 0.0        # split off train with a fixed seed when there is no eval file
-    seed: int = 3407
+    seed: int = option(3407)
     num_proc: int | None = None       # datasets.map processes; None: all CPUs for big inputs, 1 for small ones
     cache_dir: str | None = None      # default $SWFT_LITE_CACHE or ~/.cache/swft-lite/data
     format: str | None = None         # force chat|prompt_completion|alpaca|text; None = detect per file
