@@ -3,14 +3,9 @@
     resolved profile + options  ->  run folder  ->  data (validated, rendered)  ->  model + LoRA  ->  SFTTrainer
     ->  adapter  ->  merged 16-bit weights (verified)  ->  run.json
 
-A run folder holds everything a run makes:
-
-    output/<run-name>/
-        run.json        resolved config and profile, versions, GPU, data hashes, times, losses, memory, tokens/s
-        checkpoints/    checkpoint-N folders (the last K kept); --resume continues from the newest
-        tensorboard/    loss, eval loss, learning rate, grad norm, tokens/s, memory
-        adapter/        the LoRA adapter with tokenizer and chat template
-        merged/         base + adapter folded into bf16 safetensors (skipped with --no-merge)
+`train()` reads as those steps: setup_run, prepare_data, the plan, start_record, load_model, build_trainer,
+run_training, record_probe, save_adapter, merge_run. Everything a run makes lands in one run folder
+(swft_lite.run_folder: run.json, checkpoints/, tensorboard/, adapter/, merged/ - skipped with --no-merge).
 
 Nothing a user made is overwritten: an existing run folder is refused unless --overwrite or --resume is given.
 """
