@@ -438,8 +438,9 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     record, resume_from = start_record(run, profile, options, model_path, backend, prepared.report, plan, echo)
     model, tokenizer = load_model(run, record, backend, model_path, profile, echo)
     with _StopRequest() as stop:
-        trainer, args = build_trainer(run, record, profile, options, model, tokenizer, prepared, stop, echo)
-        run_training(run, record, profile, trainer, resume_from)
+        trainer, run_log, tb_writer = build_trainer(run, record, profile, options, model, tokenizer, prepared, stop,
+                                                    echo)
+        run_training(run, record, profile, trainer, run_log, tb_writer, resume_from)
     if stop.requested:
         record.update(status="interrupted", finished=_now())
         run.write_record(record)
@@ -566,7 +567,8 @@ def load_model(run: RunFolder, record: RunRecord, backend: str, model_path: str,
 def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: TrainOptions, model, tokenizer,
                   prepared, stop: _StopRequest, echo):
     """TRL's SFTTrainer with swft-lite's batches (token budget or packing), token counter, progress, TensorBoard
-    and early stopping. The logged history (`trainer.swft_run_log`) starts from what a resumed run logged."""
+    and early stopping. Returns it with the history it logs into (starting from what a resumed run logged) and its
+    TensorBoard writer."""
     from trl import SFTTrainer
 
     from swft_lite.batching import (EpochBatchSampler, batching_mode, collator_for, dataset_lengths, plan_batches,
@@ -594,16 +596,15 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
     elif options.early_stopping_patience:
         echo("note: early stopping needs eval data and --save-steps a multiple of --eval-steps; not enabled")
-    trainer.swft_run_log, trainer.swft_tb_writer = run_log, tb_writer
-    return trainer, args
+    return trainer, run_log, tb_writer
 
 
-def run_training(run: RunFolder, record: RunRecord, profile: Profile, trainer, resume_from: Path | None) -> None:
+def run_training(run: RunFolder, record: RunRecord, profile: Profile, trainer, run_log: dict, tb_writer,
+                 resume_from: Path | None) -> None:
     """trainer.train(), then its figures into the record. Out of memory: the record says so and a TrainError
     tells what to lower; Ctrl-C twice: the record says aborted."""
     import torch
 
-    run_log, tb_writer = trainer.swft_run_log, trainer.swft_tb_writer
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
