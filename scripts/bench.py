@@ -60,6 +60,7 @@ if str(REPO) not in sys.path:
 
 from swft_lite import estimate as est  # noqa: E402  (light: no torch)
 from swft_lite.profiles import Profile, load_profile, parse_override  # noqa: E402
+from swft_lite.run_folder import RunFolder  # noqa: E402
 
 GIB = 1024**3
 SOURCE = "scripts/bench.py"
@@ -170,6 +171,7 @@ def run_one(args) -> int:
                            backend=args.backend, output_root=args.output_root, run_name=args.run_name,
                            save_steps=10**6, logging_steps=1, overwrite=True)
     run_dir = options.run_dir(profile)
+    run = RunFolder(run_dir)
     t0 = time.perf_counter()
     try:
         train(profile, options, echo=print)
@@ -177,14 +179,14 @@ def run_one(args) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure becomes a recorded result
         text = f"{type(exc).__name__}: {exc}"
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower()
-        record = _read_json(run_dir / "run.json") or {}
+        record = run.record_or_empty()
         if record.get("status") == "out_of_memory" or oom:
             result["status"] = "oom"
             result["oom_phase"] = "train" if "load_seconds" in record else "load"
         result["error"] = text[:2000]
         print(f"bench: {result['status']}: {text[:500]}", file=sys.stderr)
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    record = _read_json(run_dir / "run.json") or {}
+    record = run.record_or_empty()
     if torch.cuda.is_available():
         result["max_allocated_gib_at_exit"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
         result["max_reserved_gib_at_exit"] = round(torch.cuda.max_memory_reserved() / GIB, 2)

@@ -17,14 +17,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from swft_lite.errors import BackendError
 from swft_lite.profiles import Profile
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-class BackendError(RuntimeError):
-    """The requested backend cannot run here; the message says what is missing."""
 
 
 def cuda_available() -> bool:

@@ -7,6 +7,7 @@ and `profiles` answer at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -15,13 +16,53 @@ import click
 
 from swft_lite import __version__
 from swft_lite import profiles as profiles_mod
-from swft_lite.profiles import PROFILE_FIELDS, Profile, ProfileError
+from swft_lite.data.options import DataOptions
+from swft_lite.errors import SwftError
+from swft_lite.profiles import PROFILE_FIELDS, Profile
+from swft_lite.train import TrainOptions
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-paragraph error for a person and exit; no traceback for mistakes the user can fix."""
     click.secho(f"Error: {message}", fg="red", err=True)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def usage_stage():
+    """A SwftError raised in here is about what was typed (a profile, a file that can't be read): exit 2. One raised
+    by work that has started exits 1 (`SwftError.exit_code`)."""
+    try:
+        yield
+    except SwftError as exc:
+        exc.exit_code = 2
+        raise
+
+
+class SwftGroup(click.Group):
+    """The one place where a user-fixable error (every `SwftError`, of any command) becomes one `Error:` line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SwftError as exc:
+            fail(str(exc), code=exc.exit_code)
+
+
+# --- flags from dataclasses ---------------------------------------------------------------------------------------
+# A flag whose value lands in an options dataclass takes its default, choices and help from that dataclass's field
+# (swft_lite.data.options.option), so they are typed once.
+
+
+def field_option(cls, name: str, *, help: str | None = None):  # noqa: A002 - click's word
+    """The click option --NAME for field `name` of dataclass `cls`: its default (shown), its choices, its type and
+    its help (`help` replaces the field's where a command words it for its own use)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    meta = f.metadata or {}
+    kwargs = {"default": f.default, "show_default": True, "help": help or meta.get("help")}
+    if meta.get("choices"):
+        kwargs["type"] = click.Choice(list(meta["choices"]))
+    return click.option("--" + name.replace("_", "-"), **kwargs)
 
 
 # --- profile overrides ---------------------------------------------------------------------------------------------
@@ -55,14 +96,12 @@ def profile_options(func):
 
 def resolve_profile(profile_ref: str, set_values: tuple[str, ...], flag_values: dict) -> Profile:
     overrides: dict = {}
-    try:
+    with usage_stage():
         for text in set_values:
             key, value = profiles_mod.parse_override(text)
             overrides[key] = value
         overrides.update({k: v for k, v in flag_values.items() if k in PROFILE_FIELDS and v is not None})
         return profiles_mod.load_profile(profile_ref, overrides)
-    except ProfileError as exc:
-        fail(str(exc))
 
 
 def pop_profile_flags(kwargs: dict) -> dict:
@@ -72,7 +111,7 @@ def pop_profile_flags(kwargs: dict) -> dict:
 # --- the group -----------------------------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=SwftGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, "--version", prog_name="swft-lite")
 def main():
     """Fine-tune openai/gpt-oss-20b with LoRA on your own GPU, and take it home as merged weights and a GGUF.
@@ -101,10 +140,8 @@ def profiles_group(ctx):
     """
     if ctx.invoked_subcommand is not None:
         return
-    try:
+    with usage_stage():
         rows = profiles_mod.all_profiles()
-    except ProfileError as exc:
-        fail(str(exc))
     header = ("profile", "VRAM", "seq len", "batch x accum", "LoRA", "targets", "4-bit", "grad ckpt", "optimizer")
     table = [header]
     for p in rows:
@@ -168,16 +205,11 @@ def profiles_show(profile_ref, as_json, set_values, **flags):
               help="Keep the last K checkpoints.")
 @click.option("--early-stopping-patience", type=click.IntRange(1), default=None,
               help="Stop when eval loss has not improved for N evaluations (needs eval data).")
-@click.option("--mask", type=click.Choice(["assistant", "final", "all"]), default="assistant", show_default=True,
-              help="Which tokens are trained. assistant: the reasoning (analysis) and the answer (final). final: "
-                   "the answer only - teaches a reasoning model to stop reasoning. all: every token.")
-@click.option("--overlong", type=click.Choice(["drop", "truncate"]), default="drop", show_default=True,
-              help="Rows longer than max_seq_length are dropped, or cut at the end.")
-@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
-              show_default=True, help="Reasoning level in the harmony system block for rows that set none.")
-@click.option("--date", default="2025-06-28", show_default=True,
-              help="'Current date' in the system block: fixed, so the same data trains the same way every day.")
-@click.option("--seed", type=int, default=3407, show_default=True)
+@field_option(TrainOptions, "mask")
+@field_option(TrainOptions, "overlong")
+@field_option(TrainOptions, "reasoning_effort")
+@field_option(TrainOptions, "date")
+@field_option(TrainOptions, "seed")
 @click.option("--resume", is_flag=True, help="Continue --run-name from its last checkpoint (refused if the data or "
               "settings changed).")
 @click.option("--force-resume", is_flag=True, help="Resume even though data or settings changed.")
@@ -206,7 +238,7 @@ def train_cmd(profile_ref, set_values, **kwargs):
     --overwrite. Ctrl-C saves a checkpoint and stops; --resume --run-name NAME continues it. Any profile value can
     be overridden: --lora-rank 8, --max-seq-length 2048, or --set key=value.
     """
-    from swft_lite.train import TrainOptions, train
+    from swft_lite.train import train
 
     flags = pop_profile_flags(kwargs)
     if profile_ref is None:
@@ -217,17 +249,8 @@ def train_cmd(profile_ref, set_values, **kwargs):
         run_dir = train(profile, options, echo=click.echo)
     except KeyboardInterrupt:
         fail("aborted; the run folder keeps the last saved checkpoint", code=130)
-    except Exception as exc:  # user-fixable errors of every module end here as one readable line
-        if not _is_user_error(exc):
-            raise
-        fail(str(exc), code=1)
     if run_dir is not None:
         click.secho(f"done: {run_dir}", fg="green")
-
-
-def _is_user_error(exc: Exception) -> bool:
-    names = {"TrainError", "DataError", "BackendError", "MergeError", "ProfileError", "ExportError"}
-    return any(cls.__name__ in names for cls in type(exc).__mro__)
 
 
 def _recommended_profile_name() -> str:
@@ -259,10 +282,8 @@ def detect_cmd(output_dir, as_json):
     from swft_lite import hardware
 
     report = hardware.gather(output_dir)
-    try:
+    with usage_stage():
         profiles = profiles_mod.all_profiles()
-    except ProfileError as exc:
-        fail(str(exc))
     profile, reason = hardware.recommend_profile(report.gpu.gpus, profiles)
     tailored = hardware.tailored_plan(report.gpu.gpus[0], profile) if report.gpu.gpus else None
     render = hardware.to_json if as_json else hardware.format_report
@@ -286,16 +307,11 @@ def data_group():
 @click.option("--profile", "profile_ref", default="rtx4090", show_default=True,
               help="Profile whose max_seq_length rows are measured against.")
 @click.option("--max-seq-length", type=int, default=None, help="Override the profile's max_seq_length.")
-@click.option("--mask", type=click.Choice(["assistant", "final", "all"]), default="assistant", show_default=True,
-              help="Which tokens are trained. 'assistant': every assistant message (reasoning, tool calls, answer, "
-                   "with their channel headers and terminators). 'final': the answers only - that teaches a "
-                   "reasoning model to answer without the reasoning that led there. 'all': every token.")
-@click.option("--overlong", type=click.Choice(["drop", "truncate"]), default="drop", show_default=True,
-              help="What training does with rows longer than max_seq_length.")
+@field_option(DataOptions, "mask")
+@field_option(DataOptions, "overlong", help="What training does with rows longer than max_seq_length.")
 @click.option("--format", "fmt", type=click.Choice(["chat", "prompt_completion", "alpaca", "text"]), default=None,
               help="Force the row format (default: detected from the first row).")
-@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
-              show_default=True, help="Reasoning effort in the system block for rows that set none.")
+@field_option(DataOptions, "reasoning_effort", help="Reasoning effort in the system block for rows that set none.")
 @click.option("--show", type=int, default=0, metavar="N", help="Print N rendered rows with untrained text «marked».")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning_effort, show, as_json):
@@ -310,11 +326,9 @@ def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning
     profile = resolve_profile(profile_ref, (), {"max_seq_length": max_seq_length})
     options = data_mod.DataOptions(max_seq_length=profile.max_seq_length, mask=mask, overlong=overlong, format=fmt,
                                    reasoning_effort=reasoning_effort)
-    try:
+    with usage_stage():  # FILE can't be read at all: exit 2 (bad rows are reported and exit 1 below)
         result = data_mod.check_file(path, options, show=max(0, show), length_source=(
             f"profile {profile.name}" if max_seq_length is None else "--max-seq-length"))
-    except data_mod.DataError as exc:
-        fail(str(exc))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -355,15 +369,11 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
 
     flags.update({k: v for k, v in (("max_seq_length", seq), ("per_device_batch_size", batch),
                                      ("lora_rank", rank)) if v is not None})
-    try:
+    with usage_stage():
         shape = est.load_shape(model)
-    except ProfileError as exc:
-        fail(str(exc))
     if plan_gib is not None:
-        try:
+        with usage_stage():
             planned = est.plan_for_card(plan_gib, stack=stack, shape=shape)
-        except ProfileError as exc:
-            fail(str(exc))
         overrides = {k: v for k, v in flags.items() if v is not None}
         profiles = [dataclasses.replace(planned, **overrides)]
         gpu_gib = plan_gib if gpu_gib is None else gpu_gib
@@ -372,10 +382,8 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
     else:
         profiles = [resolve_profile(name, set_values, flags) for name in profiles_mod.shipped_profile_names()]
         profiles.sort(key=lambda p: (p.vram_budget_gib, p.name))
-    try:
+    with usage_stage():
         results = [est.estimate(p, shape, stack=stack, card_gib=gpu_gib) for p in profiles]
-    except ProfileError as exc:
-        fail(str(exc))
     single = len(profiles) == 1
     if as_json:
         if single:
@@ -431,14 +439,11 @@ def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, d
     We do not use Unsloth's save_pretrained_merged: on a multi-file gpt-oss base it could not tell the expert
     layout apart (expert width == hidden size) and wrote a wrong model.
     """
-    from swft_lite.merge import MergeError, merge_adapter
+    from swft_lite.merge import merge_adapter
 
-    try:
-        report = merge_adapter(source, base=base, out=out, overwrite=overwrite, verify=not no_verify,
-                               max_shard_size=max_shard_size, device=device,
-                               dtype=None if dtype == "auto" else dtype, log=click.echo)
-    except MergeError as exc:
-        fail(str(exc), code=1)
+    report = merge_adapter(source, base=base, out=out, overwrite=overwrite, verify=not no_verify,
+                           max_shard_size=max_shard_size, device=device,
+                           dtype=None if dtype == "auto" else dtype, log=click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
 
@@ -471,19 +476,15 @@ def save_gguf_cmd(source, quant, out, llama_cpp, fetch_converter, overwrite, no_
     A Modelfile with gpt-oss's harmony template is written beside it: `ollama create NAME -f Modelfile`.
     """
     from swft_lite.gguf_export import export_gguf, fetch_converter as fetch
-    from swft_lite.merge import MergeError  # GGUFError is one; a run without merged/ is merged first
 
-    try:
+    if fetch_converter:
+        fetch(log=click.echo)
+    if source is None:
         if fetch_converter:
-            fetch(log=click.echo)
-        if source is None:
-            if fetch_converter:
-                return
-            fail("give RUN_DIR or MERGED_DIR")
-        report = export_gguf(source, quant=quant.lower(), out=out, llama_cpp=llama_cpp, verify=not no_verify,
-                             overwrite=overwrite, modelfile=not no_modelfile, log=click.echo)
-    except MergeError as exc:
-        fail(str(exc), code=1)
+            return
+        fail("give RUN_DIR or MERGED_DIR")
+    report = export_gguf(source, quant=quant.lower(), out=out, llama_cpp=llama_cpp, verify=not no_verify,
+                         overwrite=overwrite, modelfile=not no_modelfile, log=click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
 

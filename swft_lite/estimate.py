@@ -571,41 +571,20 @@ def coefficients_source(coefficients: dict[str, Coefficients]) -> str:
 
 # --- planning for a card between profiles --------------------------------------------------------------------------
 
-# Profiles of one budget are told apart by GPU generation (the same table as swft_lite.hardware uses).
-_MIN_CAPABILITY = {"rtx3090": (8, 0), "rtx4090": (8, 9), "h100": (8, 0)}
-
 # Sequence lengths a plan may pick: multiples of 1024 up to 16k, then powers of two (and 1.5x) up to 128k.
 SEQ_CHOICES = [1024 * i for i in range(1, 17)] + [24576, 32768, 49152, 65536, 98304, 131072]
 BATCH_CHOICES = [1, 2, 4, 8, 16]
 
 
-# The rule `swft-lite detect` uses (swft_lite.hardware.FIT_FRACTION): a card of T GiB is in the class of a profile
-# of budget B when T >= 0.9 B - it keeps ECC cards (L4, A10: ~22.2 GiB) in the 24 GB class.
-FIT_FRACTION = 0.90
-
-
-def _card_class_fits(budget_gib: float, card_gib: float) -> bool:
-    return card_gib >= budget_gib * FIT_FRACTION
-
-
 def _base_profile(card_gib: float, capability: tuple[int, int] | None) -> Profile:
-    from swft_lite.profiles import all_profiles
+    """The shipped profile a card of `card_gib` starts from: `swft-lite detect`'s rule (swft_lite.profiles)."""
+    from swft_lite.profiles import all_profiles, profile_for_card
 
-    try:
-        from swft_lite.hardware import PROFILE_MIN_COMPUTE_CAPABILITY as min_cap
-    except Exception:  # pragma: no cover - hardware module absent or broken
-        min_cap = _MIN_CAPABILITY
-    profiles = [p for p in all_profiles() if _card_class_fits(p.vram_budget_gib, card_gib)]
-    if not profiles:
+    base = profile_for_card(all_profiles(), card_gib, capability)
+    if base is None:
         raise ProfileError(f"no shipped profile fits a {card_gib:g} GiB card: gpt-oss-20b needs about 13-15 GiB "
                            "of GPU memory even at 4 bits (the smallest profile is for 16 GB cards)")
-    top = max(p.vram_budget_gib for p in profiles)
-    same = sorted((p for p in profiles if p.vram_budget_gib == top),
-                  key=lambda p: (min_cap.get(p.name, (0, 0)), p.name))
-    if capability is None:
-        return same[0]
-    eligible = [p for p in same if min_cap.get(p.name, (0, 0)) <= tuple(capability)]
-    return eligible[-1] if eligible else same[0]
+    return base
 
 
 def plan_for_card(total_gib: float, capability: tuple[int, int] | None = None, *, stack: str = "unsloth",

@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from swft_lite.merge import MergeError, compare_logits, load_tokenizer, probe_token_ids
+from swft_lite.errors import GGUFError, GGUFVerificationError
+from swft_lite.run_folder import RunFolder, find_merged
+from swft_lite.probes import compare_logits, load_tokenizer, probe_token_ids
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # whose vendored llama.cpp we fetch when none is installed
 CACHE_DIR = Path(os.environ.get("SWFT_CACHE", Path.home() / ".cache" / "swft-lite"))
@@ -92,16 +94,6 @@ GPT_OSS_TENSORS_PER_LAYER = 19   # attn_norm, attn_{q,k,v,output}.{weight,bias},
 GPT_OSS_GLOBAL_TENSORS = 3       # ffn_gate_inp.{weight,bias}, ffn_{gate,up,down}_exps.{weight,bias}; token_embd,
 #                                  output_norm, output
 GENERATE_TOKENS = 8
-
-
-class GGUFError(MergeError):
-    pass
-
-
-class GGUFVerificationError(GGUFError):
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
 
 
 # --- finding llama.cpp -----------------------------------------------------------------------------------------------
@@ -625,16 +617,16 @@ def write_modelfile(gguf_path: Path, dest: Path | None = None) -> Path:
 def resolve_source(source: str | Path, log: Callable[[str], None] = print, **merge_kwargs) -> tuple[Path, Path | None]:
     """(merged model folder, run folder or None) for RUN_DIR or MERGED_DIR; a run without merged/ is merged first."""
     source = Path(source).expanduser().resolve()
-    if (source / "config.json").exists() and (list(source.glob("*.safetensors"))):
-        return source, (source.parent if (source.parent / "run.json").exists() else None)
-    if (source / "merged" / "config.json").exists():
-        return source / "merged", source
-    if (source / "adapter" / "adapter_config.json").exists():
-        from swft_lite.merge import merge_adapter
+    found = find_merged(source)
+    if found is not None:
+        merged, run = found
+        if merged is None:
+            from swft_lite.merge import merge_adapter
 
-        log(f"{source} has no merged/ yet: merging (and verifying) first.")
-        merge_adapter(source, log=log, **merge_kwargs)
-        return source / "merged", source
+            log(f"{source} has no merged/ yet: merging (and verifying) first.")
+            merge_adapter(source, log=log, **merge_kwargs)
+            merged = run.merged
+        return merged, (run.path if run is not None else None)
     raise GGUFError(f"{source} is neither a merged model folder (config.json + *.safetensors) nor a run folder "
                     "(adapter/ or merged/)")
 
@@ -660,7 +652,7 @@ def export_gguf(source: str | Path, *, quant: str = DEFAULT_QUANT, out: str | Pa
         raise GGUFError(f"{model_dir} is a {cfg.get('model_type')!r} model; save-gguf exports gpt-oss")
     if out is None:
         name = (run_dir.name if run_dir else model_dir.name)
-        out = (run_dir / "gguf" if run_dir else model_dir.parent / "gguf") / f"{name}-{quant}.gguf"
+        out = (RunFolder(run_dir).gguf if run_dir else model_dir.parent / "gguf") / f"{name}-{quant}.gguf"
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise GGUFError(f"{out} already exists; pass --overwrite to replace it")

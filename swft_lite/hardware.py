@@ -28,29 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from swft_lite.profiles import FIT_FRACTION, by_generation, card_fits, largest_fitting
+
 GIB = 1024**3
 MIB = 1024**2
 
-# A card of total memory T fits a profile of budget B when T >= B * FIT_FRACTION. Cards report less than their
-# marketing size, and how much less depends on who asks: a 16 GB card is ~15.6-16.0 GiB (torch / nvidia-smi), a 24 GB
-# RTX 4090 ~23.6-24.0, an H100 80GB ~79.1-79.6. Cards with ECC on lose another 1/16: an L4 or A10(G) - both named in the
-# 24 GB profiles - report 22.5 GiB in nvidia-smi and ~22.2 GiB in torch, a T4 ~14.7 GiB. 0.9 keeps those in their
-# class while a 12 GB card (11.7-12.0 GiB) stays far below the 16 GiB profile (needs >= 14.4).
-FIT_FRACTION = 0.90
 
 # gpt-oss-20b LoRA needs about 13-15 GiB even with 4-bit weights (shared/gpu/README.md: 13.0 GiB attention-only r 8 at
 # 2048 tokens, 14.9 GiB attention + experts).
 MIN_GIB_STATEMENT = "gpt-oss-20b needs about 13–15 GiB of GPU memory even at 4 bits"
-
-# Profiles that share a budget are told apart by GPU generation: the lowest compute capability each is meant for.
-# Among profiles of the same budget the one with the highest entry <= the card's compute capability wins (8.0/8.6
-# Ampere -> rtx3090, 8.9 Ada and newer -> rtx4090); a card older than all of them, or of unknown compute capability,
-# gets the lowest. Profiles missing here count as (0, 0).
-PROFILE_MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
-    "rtx3090": (8, 0),
-    "rtx4090": (8, 9),
-    "h100": (8, 0),
-}
 
 # A merged bf16 gpt-oss-20b is ~42 GB on disk.
 MERGED_MODEL_BYTES = 42 * 10**9
@@ -542,19 +528,7 @@ def gather(output_dir: str | Path = "output", env: dict[str, str] | None = None)
 
 
 def fits(gpu: GpuInfo, profile) -> bool:
-    return gpu.total_gib >= profile.vram_budget_gib * FIT_FRACTION
-
-
-def _by_generation(candidates: list, gpu: GpuInfo):
-    """Among profiles of one budget, the one meant for this card's generation (see PROFILE_MIN_COMPUTE_CAPABILITY)."""
-    def key(p):
-        return PROFILE_MIN_COMPUTE_CAPABILITY.get(p.name, (0, 0))
-
-    ordered = sorted(candidates, key=lambda p: (key(p), p.name))
-    if gpu.compute_capability is None:
-        return ordered[0]
-    eligible = [p for p in ordered if key(p) <= gpu.compute_capability]
-    return eligible[-1] if eligible else ordered[0]
+    return card_fits(profile.vram_budget_gib, gpu.total_gib)
 
 
 def recommend_profile(gpus: list[GpuInfo], profiles: list) -> tuple[Any | None, str]:
@@ -568,16 +542,14 @@ def recommend_profile(gpus: list[GpuInfo], profiles: list) -> tuple[Any | None, 
                       "(16 GB or more); run `swft-lite detect` on the machine that has it.")
     gpu = gpus[0]
     smallest = min(profiles, key=lambda p: p.vram_budget_gib) if profiles else None
-    fitting = [p for p in profiles if fits(gpu, p)]
-    if not fitting:
+    same = largest_fitting(profiles, gpu.total_gib)
+    if not same:
         reason = f"No profile fits: {gpu.name} has {gpu.total_gib:.2f} GiB, and {MIN_GIB_STATEMENT}."
         if smallest is not None:
             reason += (f" The smallest profile, {smallest.name}, needs a {smallest.vram_budget_gib:g} GiB card "
                        f"({smallest.description.split(':')[0]}).")
         return None, reason
-    top = max(p.vram_budget_gib for p in fitting)
-    same = [p for p in fitting if p.vram_budget_gib == top]
-    choice = _by_generation(same, gpu)
+    choice = by_generation(same, gpu.compute_capability)
     reason = (f"{gpu.name} has {gpu.total_gib:.2f} GiB; {choice.name} is the largest profile whose "
               f"{choice.vram_budget_gib:g} GiB budget fits.")
     others = [p.name for p in same if p is not choice]

@@ -19,9 +19,7 @@ model, see ../shared/gpu/README.md). Here no layout is ever guessed:
 
 from __future__ import annotations
 
-import functools
 import gc
-import math
 import json
 import os
 import shutil
@@ -31,6 +29,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from swft_lite.errors import MergeError, VerificationError
+from swft_lite.probes import (KL_TRIM, TRAINED_PROBE_TOPK, compare_logits, compare_with_trained,
+                              default_dtype, empty_cache, load_causal_lm, load_trained_probe, model_logits,
+                              probe_token_ids)
+from swft_lite.run_folder import RunFolder, RunRecord, find_adapter
 
 # --- thresholds ----------------------------------------------------------------------------------------------------
 # What "the merged model is the trained model" means, measured on the probe tokens (425 positions) against base +
@@ -83,77 +87,10 @@ MERGE_THRESHOLDS = {
 MERGE_THRESHOLDS_LOW_PRECISION = dict(MERGE_THRESHOLDS, kl_mean_trimmed_max=1e-2, top1_tolerance=0.1)
 # An adapter that moves the probes less than this (mean KL vs the base) is reported as a no-op (not a failure).
 NOOP_KL = 1e-6
-# The worst KL_TRIM of the probe positions are left out of the gating mean.
-KL_TRIM = 0.02
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-
-
-class MergeError(RuntimeError):
-    """A merge that cannot be done or did not verify. The message is for a person."""
-
-
-class VerificationError(MergeError):
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
-
-
-# --- probe tokens --------------------------------------------------------------------------------------------------
-# Fixed harmony-rendered conversations (fixed date, so the tokens never change). They exercise the system, developer,
-# user and assistant roles, the analysis/final channels and a tool call. ~100-130 tokens each with gpt-oss's tokenizer.
-_SYS = ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
-        "Knowledge cutoff: 2024-06\nCurrent date: 2025-08-05\n\nReasoning: {level}\n\n"
-        "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>")
-PROBE_TEXTS = (
-    _SYS.format(level="medium")
-    + "<|start|>user<|message|>Explain in two sentences why the sky is blue, and name one thing you see at sunset "
-      "because of the same effect.<|end|><|start|>assistant<|channel|>analysis<|message|>Short physics answer: "
-      "Rayleigh scattering.<|end|><|start|>assistant<|channel|>final<|message|>Air molecules scatter short blue "
-      "wavelengths far more than red ones, so blue light reaches us from every direction.<|end|>",
-    _SYS.format(level="low")
-    + "<|start|>developer<|message|># Instructions\n\nAnswer in French, briefly.<|end|><|start|>user<|message|>"
-      "Combien font 17 fois 23 ? Donne aussi le calcul.<|end|><|start|>assistant<|channel|>final<|message|>"
-      "17 × 23 = 17 × 20 + 17 × 3 = 340 + 51 = 391.<|end|><|start|>user<|message|>Et 391 divisé par 17 ?<|end|>"
-      "<|start|>assistant",
-    _SYS.format(level="high")
-    + "<|start|>user<|message|>What's the weather in Tokyo right now?<|end|><|start|>assistant<|channel|>analysis"
-      "<|message|>Need to call the weather tool.<|end|><|start|>assistant<|channel|>commentary to=functions."
-      "get_weather <|constrain|>json<|message|>{\"city\": \"Tokyo\", \"unit\": \"celsius\"}<|call|>"
-      "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{\"temp\": 21, \"sky\": "
-      "\"clear\"}<|end|><|start|>assistant<|channel|>final<|message|>It is 21 °C and clear in Tokyo.<|end|>",
-)
-
-
-def probe_token_ids(tokenizer) -> list[list[int]]:
-    """The probe prompts as token ids. `tokenizer` is a tokenizer or a folder that holds one."""
-    if isinstance(tokenizer, (str, Path)):
-        tok_json = Path(tokenizer) / "tokenizer.json"
-        stamp = tok_json.stat().st_mtime_ns if tok_json.exists() else 0
-        return [list(p) for p in _probe_ids_cached(str(Path(tokenizer).resolve()), stamp)]
-    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in PROBE_TEXTS]
-
-
-@functools.lru_cache(maxsize=8)
-def _probe_ids_cached(tokenizer_dir: str, _stamp: int) -> tuple:
-    tok = load_tokenizer(tokenizer_dir)
-    return tuple(tuple(tok(t, add_special_tokens=False)["input_ids"]) for t in PROBE_TEXTS)
-
-
-def load_tokenizer(model_dir: str | Path):
-    """AutoTokenizer for a folder, cached per folder and tokenizer.json version (gpt-oss's takes ~2 s to load)."""
-    tok_json = Path(model_dir) / "tokenizer.json"
-    stamp = tok_json.stat().st_mtime_ns if tok_json.exists() else 0
-    return _load_tokenizer_cached(str(Path(model_dir).resolve()), stamp)
-
-
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer_cached(model_dir: str, _stamp: int):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 # --- finding things --------------------------------------------------------------------------------------------------
@@ -202,27 +139,23 @@ def resolve_inputs(source: str | Path, base: str | Path | None = None, out: str 
     source = Path(source).expanduser().resolve()
     if not source.is_dir():
         raise MergeError(f"{source} is not a folder (expected a run folder or a PEFT adapter folder)")
-    run_dir = None
-    if (source / "adapter_config.json").exists():
-        adapter_dir = source
-        if source.name == "adapter" and (source.parent / "run.json").exists():
-            run_dir = source.parent
-    elif (source / "adapter" / "adapter_config.json").exists():
-        run_dir, adapter_dir = source, source / "adapter"
-    else:
+    found = find_adapter(source)
+    if found is None:
         raise MergeError(f"{source} holds neither adapter_config.json nor adapter/adapter_config.json: pass a run "
                          "folder written by `swft-lite train` or a PEFT adapter folder")
+    adapter_dir, run = found
     base_ref = base
-    if base_ref is None and run_dir is not None and (run_dir / "run.json").exists():
-        base_ref = _read_json(run_dir / "run.json").get("model")
+    if base_ref is None and run is not None and run.has_record():
+        base_ref = run.read_record().model
     if base_ref is None:
         base_ref = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
     if not base_ref:
         raise MergeError(f"cannot tell which base model {adapter_dir} was trained on: pass --base")
     base_dir = resolve_model_dir(base_ref)
     if out is None:
-        out = (run_dir / "merged") if run_dir is not None else adapter_dir.parent / f"{adapter_dir.name}-merged"
-    return MergeInputs(adapter_dir, str(base_ref), base_dir, run_dir, Path(out).expanduser().resolve())
+        out = run.merged if run is not None else adapter_dir.parent / f"{adapter_dir.name}-merged"
+    return MergeInputs(adapter_dir, str(base_ref), base_dir, run.path if run is not None else None,
+                       Path(out).expanduser().resolve())
 
 
 def base_weight_map(base_dir: Path) -> dict[str, str]:
@@ -616,10 +549,11 @@ def _write_side_files(inputs: MergeInputs, work_dir: Path):
 
 def _trained_probe_of(run_dir: Path | None) -> tuple[Path | None, bool]:
     """The probe `swft-lite train` recorded in a run folder, and whether to gate on it (not for 4-bit training)."""
-    if run_dir is None or not (run_dir / TRAINED_PROBE_FILE).exists():
+    if run_dir is None or not RunFolder(run_dir).trained_probe.exists():
         return None, False
-    run = _read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
-    return run_dir / TRAINED_PROBE_FILE, not run.get("profile", {}).get("load_in_4bit", False)
+    run = RunFolder(run_dir)
+    record = run.read_record() if run.has_record() else RunRecord()
+    return run.trained_probe, not record.trained_in_4bit
 
 
 def _fail_dir(work_dir: Path, out_dir: Path) -> Path:
@@ -717,161 +651,6 @@ def merge_adapter(source: str | Path, *, base: str | Path | None = None, out: st
 # --- verification --------------------------------------------------------------------------------------------------
 
 
-def _default_dtype(device: str, dtype):
-    import torch
-
-    if dtype is None:
-        return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
-    if isinstance(dtype, str):
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[dtype]
-    return dtype
-
-
-def _load_causal_lm(model_dir: Path, device: str, dtype):
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {}
-    cfg = _read_json(Path(model_dir) / "config.json")
-    if (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4":
-        from transformers import Mxfp4Config
-
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=device, **kwargs)
-    return model.eval()
-
-
-def _logits(model, probes, device) -> list:
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for ids in probes:
-            x = torch.tensor([ids], device=device)
-            out.append(model(input_ids=x).logits[0].float().cpu())
-    return out
-
-
-def compare_logits(ref: list, other: list, top1_tolerance: float = 0.0) -> dict:
-    """Per-position comparison of two models' logits on the same tokens (ref = the model that counts).
-    kl_*: KL(softmax(ref) || softmax(other)) in nats; top1_agreement: share of positions with the same argmax;
-    top1_agreement_tol: the same, but a different top-1 also counts when ref rates it within `top1_tolerance`
-    logits of its own top-1 (a near-tie); max_abs_logit_diff / mean_abs_logit_diff; cos_*: cosine similarity of
-    the logit vectors. fp32, row by row."""
-    import torch
-
-    kls, coss, agree, agree_tol, maxd, sumd, n = [], [], 0, 0, 0.0, 0.0, 0
-    with torch.no_grad():
-        for a, b in zip(ref, other):
-            a, b = a.float(), b.float()
-            la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-            kls.append((la.exp() * (la - lb)).sum(-1).clamp_min(0))
-            del la, lb
-            ia, ib = a.argmax(-1), b.argmax(-1)
-            agree += int((ia == ib).sum())
-            regret = a.gather(-1, ia[:, None]) - a.gather(-1, ib[:, None])
-            agree_tol += int((regret <= top1_tolerance).sum())
-            d = (a - b).abs_()
-            maxd = max(maxd, float(d.max()))
-            sumd += float(d.mean(-1).sum())
-            del d
-            coss.append((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30))
-            n += a.shape[0]
-    kl, cos = torch.cat(kls), torch.cat(coss)
-    n_trim = math.ceil(KL_TRIM * n)
-    kl_sorted = kl.sort().values
-    return {"positions": n, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "kl_mean_trimmed": float(kl_sorted[: n - n_trim].mean()) if n > n_trim else 0.0,
-            "kl_p50": float(kl_sorted[n // 2]), "positions_kl_over_0.01": int((kl > 0.01).sum()),
-            "top1_agreement": agree / n,
-            "top1_agreement_tol": agree_tol / n, "max_abs_logit_diff": maxd, "mean_abs_logit_diff": sumd / n,
-            "cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
-
-
-def _empty_cache(device):
-    import torch
-
-    gc.collect()
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# --- the model as it was trained -------------------------------------------------------------------------------
-# base + adapter as PEFT reads the saved files is one reading of the adapter; the model the training process held
-# (Unsloth's patched layers included) is the one that counts. `swft-lite train` records that model's top-K
-# log-probabilities on the probe tokens before it exits, and the merge is compared with them too: an adapter whose
-# files say something else than what was trained (a layout PEFT reads differently, say) fails here even though it
-# agrees with PEFT's own reading of it.
-TRAINED_PROBE_FILE = "trained_probe.safetensors"
-TRAINED_PROBE_TOPK = 32
-
-
-def capture_trained_probe(model, tokenizer, path: str | Path) -> dict:
-    """In the training process: the top-K log-probs of `model` (adapters live) at every probe position."""
-    import torch
-    from safetensors.torch import save_file
-
-    probes = probe_token_ids(tokenizer)
-    device = next(p.device for p in model.parameters())
-    old_env = os.environ.get("UNSLOTH_RETURN_LOGITS")
-    os.environ["UNSLOTH_RETURN_LOGITS"] = "1"  # Unsloth returns no logits during training unless asked
-    was_training = model.training
-    model.eval()
-    tensors = {}
-    try:
-        with torch.no_grad():
-            for i, ids in enumerate(probes):
-                logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
-                if logits.shape != (len(ids), model.config.get_text_config().vocab_size):
-                    raise MergeError(f"the trained model returned logits of shape {tuple(logits.shape)}")
-                top = torch.log_softmax(logits, -1).topk(TRAINED_PROBE_TOPK, dim=-1)
-                tensors[f"ids_{i}"] = torch.tensor(ids, dtype=torch.int64)
-                tensors[f"topk_ids_{i}"] = top.indices.cpu()
-                tensors[f"topk_logprobs_{i}"] = top.values.cpu()
-    finally:
-        if old_env is None:
-            os.environ.pop("UNSLOTH_RETURN_LOGITS", None)
-        else:
-            os.environ["UNSLOTH_RETURN_LOGITS"] = old_env
-        model.train(was_training)
-    save_file(tensors, str(path))
-    return {"path": str(path), "probes": len(probes), "positions": sum(len(p) for p in probes),
-            "topk": TRAINED_PROBE_TOPK}
-
-
-def load_trained_probe(path: str | Path) -> tuple[list[list[int]], list, list]:
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
-    n = len([k for k in t if k.startswith("ids_")])
-    return ([t[f"ids_{i}"].tolist() for i in range(n)], [t[f"topk_ids_{i}"] for i in range(n)],
-            [t[f"topk_logprobs_{i}"] for i in range(n)])
-
-
-def compare_with_trained(topk_ids: list, topk_logprobs: list, logits: list, top1_tolerance: float) -> dict:
-    """The merged model against the trained model's top-K: KL over the trained model's top-K tokens (both
-    renormalised there), and top-1 agreement (a different top-1 counts when the merged model rates the trained
-    top-1 within `top1_tolerance` of its own)."""
-    import torch
-
-    kls, agree, agree_tol, n = [], 0, 0, 0
-    for ids, lp, lg in zip(topk_ids, topk_logprobs, logits):
-        lg = lg.float()
-        ls = torch.log_softmax(lg, -1).gather(-1, ids)
-        p = torch.softmax(lp, -1)
-        kls.append((p * (torch.log_softmax(lp, -1) - torch.log_softmax(ls, -1))).sum(-1).clamp_min(0))
-        own = lg.argmax(-1)
-        agree += int((own == ids[:, 0]).sum())
-        regret = lg.gather(-1, own[:, None])[:, 0] - lg.gather(-1, ids[:, :1])[:, 0]
-        agree_tol += int((regret <= top1_tolerance).sum())
-        n += ids.shape[0]
-    kl = torch.cat(kls).sort().values
-    n_trim = math.ceil(KL_TRIM * n)
-    return {"positions": n, "kl_topk_mean": float(kl.mean()),
-            "kl_topk_mean_trimmed": float(kl[: n - n_trim].mean()) if n > n_trim else 0.0,
-            "top1_agreement": agree / n, "top1_agreement_tol": agree_tol / n}
-
-
 def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str | Path, *, device: str = "cpu",
                  dtype=None, probes: list[list[int]] | None = None, thresholds: dict | None = None,
                  out_dtype=None, trained_probe: str | Path | None = None, trained_gate: bool = True) -> dict:
@@ -895,7 +674,7 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
     from peft import PeftModel
 
     merged_dir, base_dir, adapter_dir = Path(merged_dir), Path(base_dir), Path(adapter_dir)
-    dtype = _default_dtype(device, dtype)
+    dtype = default_dtype(device, dtype)
     out_dtype = out_dtype or torch.bfloat16
     exact = dtype == torch.float32
     th = dict(MERGE_THRESHOLDS if exact else MERGE_THRESHOLDS_LOW_PRECISION, **(thresholds or {}))
@@ -904,12 +683,12 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
         tok_dir = adapter_dir if (adapter_dir / "tokenizer.json").exists() else merged_dir
         probes = probe_token_ids(tok_dir)
 
-    model = _load_causal_lm(base_dir, device, dtype)
+    model = load_causal_lm(base_dir, device, dtype)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
-    ref = _logits(model, probes, device)
+    ref = model_logits(model, probes, device)
     with model.disable_adapter():
-        base_logits = _logits(model, probes, device)
+        base_logits = model_logits(model, probes, device)
     effect = compare_logits(ref, base_logits, tol)
     del base_logits
     # the control: PEFT merges the same weights itself (in place, no extra memory), stored as the output dtype
@@ -918,21 +697,21 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
         for p in control_model.parameters():
             if p.is_floating_point():
                 p.data = p.data.to(out_dtype).to(p.dtype)
-    control_logits = _logits(control_model, probes, device)
+    control_logits = model_logits(control_model, probes, device)
     del model, control_model
-    _empty_cache(device)
+    empty_cache(device)
     control = compare_logits(ref, control_logits, tol)
 
-    model = _load_causal_lm(merged_dir, device, dtype)
-    merged_logits = _logits(model, probes, device)
+    model = load_causal_lm(merged_dir, device, dtype)
+    merged_logits = model_logits(model, probes, device)
     trained = None
     if trained_probe is not None:
         t_probes, t_ids, t_logprobs = load_trained_probe(trained_probe)
-        t_logits = merged_logits if t_probes == probes else _logits(model, t_probes, device)
+        t_logits = merged_logits if t_probes == probes else model_logits(model, t_probes, device)
         trained = compare_with_trained(t_ids, t_logprobs, t_logits, tol)
         del t_logits
     del model
-    _empty_cache(device)
+    empty_cache(device)
     res = compare_logits(ref, merged_logits, tol)
     vs_control = compare_logits(control_logits, merged_logits, tol)
     del control_logits, merged_logits

@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swft_lite.errors import ProfileError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-
-class ProfileError(ValueError):
-    """A profile file or override is wrong; the message names the file, the key and what was expected."""
 
 
 def _f(default, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -293,3 +291,57 @@ def profile_to_toml(p: Profile) -> str:
             text = repr(value)
         lines.append(f"{key} = {text}")
     return "\n".join(lines) + "\n"
+
+
+# --- which profile fits a card -------------------------------------------------------------------------------------
+# The one rule, used by `swft-lite detect` (swft_lite.hardware) and by the planner for cards between profiles
+# (swft_lite.estimate.plan_for_card).
+#
+# A card of total memory T fits a profile of budget B when T >= B * FIT_FRACTION. Cards report less than their
+# marketing size, and how much less depends on who asks: a 16 GB card is ~15.6-16.0 GiB (torch / nvidia-smi), a 24 GB
+# RTX 4090 ~23.6-24.0, an H100 80GB ~79.1-79.6. Cards with ECC on lose another 1/16: an L4 or A10(G) - both named in the
+# 24 GB profiles - report 22.5 GiB in nvidia-smi and ~22.2 GiB in torch, a T4 ~14.7 GiB. 0.9 keeps those in their
+# class while a 12 GB card (11.7-12.0 GiB) stays far below the 16 GiB profile (needs >= 14.4).
+FIT_FRACTION = 0.90
+
+# Profiles that share a budget are told apart by GPU generation: the lowest compute capability each is meant for.
+# Among profiles of the same budget the one with the highest entry <= the card's compute capability wins (8.0/8.6
+# Ampere -> rtx3090, 8.9 Ada and newer -> rtx4090); a card older than all of them, or of unknown compute capability,
+# gets the lowest. Profiles missing here count as (0, 0).
+PROFILE_MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
+    "rtx3090": (8, 0),
+    "rtx4090": (8, 9),
+    "h100": (8, 0),
+}
+
+
+def card_fits(budget_gib: float, card_gib: float) -> bool:
+    """A card of `card_gib` GiB (as torch or nvidia-smi reports it) is in the class of a profile of `budget_gib`."""
+    return card_gib >= budget_gib * FIT_FRACTION
+
+
+def by_generation(candidates: list, capability: tuple[int, int] | None):
+    """Among profiles of one budget, the one meant for a card of this compute capability."""
+    def key(p):
+        return PROFILE_MIN_COMPUTE_CAPABILITY.get(p.name, (0, 0))
+
+    ordered = sorted(candidates, key=lambda p: (key(p), p.name))
+    if capability is None:
+        return ordered[0]
+    eligible = [p for p in ordered if key(p) <= tuple(capability)]
+    return eligible[-1] if eligible else ordered[0]
+
+
+def largest_fitting(profiles: list, card_gib: float) -> list:
+    """The profiles of the largest budget that a card of `card_gib` fits (empty when none fits)."""
+    fitting = [p for p in profiles if card_fits(p.vram_budget_gib, card_gib)]
+    if not fitting:
+        return []
+    top = max(p.vram_budget_gib for p in fitting)
+    return [p for p in fitting if p.vram_budget_gib == top]
+
+
+def profile_for_card(profiles: list, card_gib: float, capability: tuple[int, int] | None):
+    """The profile to train with on a card: the largest budget it fits, then its GPU generation; None if none fits."""
+    same = largest_fitting(profiles, card_gib)
+    return by_generation(same, capability) if same else None

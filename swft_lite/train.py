@@ -3,14 +3,9 @@
     resolved profile + options  ->  run folder  ->  data (validated, rendered)  ->  model + LoRA  ->  SFTTrainer
     ->  adapter  ->  merged 16-bit weights (verified)  ->  run.json
 
-A run folder holds everything a run makes:
-
-    output/<run-name>/
-        run.json        resolved config and profile, versions, GPU, data hashes, times, losses, memory, tokens/s
-        checkpoints/    checkpoint-N folders (the last K kept); --resume continues from the newest
-        tensorboard/    loss, eval loss, learning rate, grad norm, tokens/s, memory
-        adapter/        the LoRA adapter with tokenizer and chat template
-        merged/         base + adapter folded into bf16 safetensors (skipped with --no-merge)
+`train()` reads as those steps: setup_run, prepare_data, the plan, start_record, load_model, build_trainer,
+run_training, record_probe, save_adapter, merge_run. Everything a run makes lands in one run folder
+(swft_lite.run_folder: run.json, checkpoints/, tensorboard/, adapter/, merged/ - skipped with --no-merge).
 
 Nothing a user made is overwritten: an existing run folder is refused unless --overwrite or --resume is given.
 """
@@ -29,14 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from swft_lite import __version__
+from swft_lite.data.options import DataOptions, same_as
+from swft_lite.errors import TrainError
 from swft_lite.profiles import Profile
-
-RUN_JSON = "run.json"
-
-
-class TrainError(RuntimeError):
-    """A run cannot start or continue; the message says why and what to change."""
-
+from swft_lite.run_folder import RUN_JSON, RunFolder, RunRecord
 
 @dataclass
 class TrainOptions:
@@ -53,16 +44,16 @@ class TrainOptions:
     save_steps: int = 100
     save_total_limit: int = 3
     early_stopping_patience: int | None = None
-    seed: int = 3407
+    seed: int = same_as(DataOptions, "seed")
     resume: bool = False
     force_resume: bool = False
     overwrite: bool = False
     merge: bool = True
     wandb: bool = False
-    mask: str = "assistant"
-    overlong: str = "drop"
-    reasoning_effort: str = "medium"
-    date: str = "2025-06-28"
+    mask: str = same_as(DataOptions, "mask")
+    overlong: str = same_as(DataOptions, "overlong")
+    reasoning_effort: str = same_as(DataOptions, "reasoning_effort")
+    date: str = same_as(DataOptions, "date")
     num_proc: int | None = None
     dry_run: bool = False                 # print the plan (data, batches, steps, memory, time) and stop
 
@@ -72,6 +63,7 @@ class TrainOptions:
 
 
 # Options that change what is trained; anything else (step counts for logging or saving, merge) may differ on resume.
+# Every profile key is part of the fingerprint too (token_budget and packing among them: they change the batches).
 _FINGERPRINT_OPTIONS = ("model", "eval_fraction", "seed", "mask", "overlong", "reasoning_effort", "date")
 
 
@@ -127,7 +119,7 @@ def resolve_model(model: str, echo=print) -> str:
 def prepare_run_dir(run_dir: Path, options: TrainOptions) -> None:
     """Refuse to clobber a run. --overwrite deletes it, but train() calls this only after the new data checked out."""
     if options.resume:
-        if not (run_dir / RUN_JSON).exists():
+        if not RunFolder(run_dir).has_record():
             raise TrainError(f"--resume: {run_dir} holds no run (no {RUN_JSON}); start it without --resume")
         return
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -136,17 +128,6 @@ def prepare_run_dir(run_dir: Path, options: TrainOptions) -> None:
                              "continue that run, --overwrite to replace it, or --run-name for a new one.")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def write_run_json(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / (RUN_JSON + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(run_dir / RUN_JSON)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -339,7 +320,7 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
     # TensorBoard is attached by train() with its own writer (transformers 5 dropped `logging_dir`).
     report_to = ["wandb"] if options.wandb else []
     return SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(RunFolder(run_dir).checkpoints),
         report_to=report_to,
         run_name=run_dir.name,
         per_device_train_batch_size=profile.per_device_batch_size,
@@ -448,7 +429,41 @@ def _duration(seconds: float) -> str:
 
 def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     """Run one training job end to end; returns the run folder (None for a dry run, which only prints the plan)."""
-    from swft_lite import data as data_mod
+    model_path, backend, run = setup_run(profile, options, echo)
+    prepared = prepare_data(profile, options, echo)
+    plan = plan_training(profile, options, prepared.train, backend)
+    echo(format_plan(profile, plan, backend))
+    if options.dry_run:
+        return None
+    record, resume_from = start_record(run, profile, options, model_path, backend, prepared.report, plan, echo)
+    model, tokenizer = load_model(run, record, backend, model_path, profile, echo)
+    with _StopRequest() as stop:
+        trainer, run_log, tb_writer = build_trainer(run, record, profile, options, model, tokenizer, prepared, stop,
+                                                    echo)
+        run_training(run, record, profile, trainer, run_log, tb_writer, resume_from)
+    if stop.requested:
+        record.update(status="interrupted", finished=_now())
+        run.write_record(record)
+        echo(f"stopped at step {trainer.state.global_step}; checkpoint saved under {run.checkpoints}. "
+             f"Continue with the same command plus --resume --run-name {run.name}")
+        return run.path
+    record_probe(run, record, trainer, tokenizer, echo)
+    adapter_dir = save_adapter(run, record, trainer, tokenizer, echo)
+    if options.merge:
+        del trainer, model
+        merge_run(run, record, adapter_dir, model_path, echo)
+    record.update(status="finished", finished=_now())
+    run.write_record(record)
+    return run.path
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def setup_run(profile: Profile, options: TrainOptions, echo) -> tuple[str, str, RunFolder]:
+    """The model, the backend (Unsloth imported now, before the data step imports transformers) and the run folder,
+    refused at once when it exists and neither --resume nor --overwrite allows it."""
     from swft_lite.backends import choose_backend, import_unsloth
 
     model_path = resolve_model(options.model, echo)
@@ -466,8 +481,13 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     if (not options.dry_run and not options.resume and not options.overwrite and run_dir.exists()
             and any(run_dir.iterdir())):
         prepare_run_dir(run_dir, options)  # raises before any work is done
+    return model_path, backend, RunFolder(run_dir)
 
-    # 1. Data: every row is validated before a model is touched; a bad row stops the run here.
+
+def prepare_data(profile: Profile, options: TrainOptions, echo):
+    """Every row is validated and rendered before a model is touched; a bad row stops the run here."""
+    from swft_lite import data as data_mod
+
     data_opts = data_mod.DataOptions(
         max_seq_length=row_length_limit(profile), mask=options.mask, overlong=options.overlong,
         reasoning_effort=options.reasoning_effort, date=options.date, eval_fraction=options.eval_fraction,
@@ -479,32 +499,31 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
          (f", {len(prepared.eval)} eval rows" if prepared.eval is not None else "") +
          f"; {rep.get('dropped_overlong', 0)} dropped as longer than {profile.max_seq_length} tokens, "
          f"{rep.get('truncated', 0)} truncated")
+    return prepared
 
-    plan = plan_training(profile, options, prepared.train, backend)
-    echo(format_plan(profile, plan, backend))
-    if options.dry_run:
-        return None
 
-    parts = fingerprint_parts(profile, options, rep)
+def start_record(run: RunFolder, profile: Profile, options: TrainOptions, model_path: str, backend: str,
+                 data_report: dict, plan: dict, echo) -> tuple[RunRecord, Path | None]:
+    """The run folder made (or, with --resume, checked against the run it continues) and run.json written."""
+    parts = fingerprint_parts(profile, options, data_report)
     fp = fingerprint(parts)
-    record: dict
     resume_from = None
     if options.resume:
-        prepare_run_dir(run_dir, options)
-        record = json.loads((run_dir / RUN_JSON).read_text())
-        if record.get("fingerprint") != fp and not options.force_resume:
-            changes = describe_changes(record.get("fingerprint_parts", {}), parts)
-            raise TrainError(f"--resume: the data or settings differ from the ones {run_dir} was started with "
+        prepare_run_dir(run.path, options)
+        record = run.read_record()
+        if record.fingerprint != fp and not options.force_resume:
+            changes = describe_changes(record.fingerprint_parts, parts)
+            raise TrainError(f"--resume: the data or settings differ from the ones {run.path} was started with "
                              f"({changes}). Resuming would mix two runs. Use the same profile, flags and data, "
                              "or --force-resume to continue anyway.")
-        resume_from = last_checkpoint(run_dir)
+        resume_from = run.last_checkpoint()
         if resume_from is None:
-            raise TrainError(f"--resume: {run_dir}/checkpoints holds no checkpoint yet; start again with --overwrite")
+            raise TrainError(f"--resume: {run.checkpoints} holds no checkpoint yet; start again with --overwrite")
         echo(f"resume: continuing from {resume_from}")
     else:
-        prepare_run_dir(run_dir, options)
-        record = {}
-    now = datetime.now(timezone.utc).isoformat()
+        prepare_run_dir(run.path, options)
+        record = RunRecord()
+    now = _now()
     if options.resume:
         record.setdefault("resumed", []).append(now)
     record.update({
@@ -518,13 +537,16 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
         "profile": profile.to_dict(),
         "options": dataclasses.asdict(options),
         "packages": package_versions(),
-        "data": rep,
+        "data": data_report,
         "plan": plan,
         "padding_fraction": plan["batching"]["padding_fraction"],
     })
-    write_run_json(run_dir, record)
+    run.write_record(record)
+    return record, resume_from
 
-    # 2. Model and adapters (Unsloth is imported here, in this process only, before TRL).
+
+def load_model(run: RunFolder, record: RunRecord, backend: str, model_path: str, profile: Profile, echo):
+    """Model and adapters (Unsloth is imported here, in this process only, before TRL)."""
     from swft_lite.backends import load_for_training
 
     echo(f"model: loading {model_path} with the {backend} backend "
@@ -538,10 +560,15 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     echo(f"LoRA: {len(adapters.modules)} attention modules, {len(adapters.parameters)} expert parameter tensors; "
          f"{adapters.trainable:,} trainable of {adapters.total:,} parameters "
          f"({100 * adapters.trainable / max(adapters.total, 1):.2f} %)")
-    write_run_json(run_dir, record)
+    run.write_record(record)
+    return model, tokenizer
 
-    # 3. Train.
-    import torch
+
+def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: TrainOptions, model, tokenizer,
+                  prepared, stop: _StopRequest, echo):
+    """TRL's SFTTrainer with swft-lite's batches (token budget or packing), token counter, progress, TensorBoard
+    and early stopping. Returns it with the history it logs into (starting from what a resumed run logged) and its
+    TensorBoard writer."""
     from trl import SFTTrainer
 
     from swft_lite.batching import (EpochBatchSampler, batching_mode, collator_for, dataset_lengths, plan_batches,
@@ -549,43 +576,51 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     from torch.utils.tensorboard import SummaryWriter
     from transformers import EarlyStoppingCallback, PrinterCallback
 
-    args = sft_config(profile, options, run_dir, prepared.eval is not None)
+    args = sft_config(profile, options, run.path, prepared.eval is not None)
     # A resumed run keeps the history it logged before it stopped.
-    run_log: dict = {k: list(record.get(k, [])) for k in ("losses", "eval_losses", "tokens_per_second")}
-    with _StopRequest() as stop:
-        tb_writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
-        trainer = with_batch_sampler(SFTTrainer)(model=model, args=args, train_dataset=prepared.train,
-                                                 eval_dataset=prepared.eval, processing_class=tokenizer)
-        trainer.remove_callback(PrinterCallback)
-        mode = batching_mode(profile)
-        if mode != "fixed":
-            batches, _ = plan_batches(dataset_lengths(trainer.train_dataset), mode,
-                                      token_budget=profile.token_budget, seed=options.seed)
-            trainer.swft_batch_sampler = EpochBatchSampler(batches, options.seed)
-            trainer.data_collator = collator_for(mode, tokenizer.pad_token_id, profile.token_budget)
-        counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training)
-        trainer.data_collator = counter
-        trainer.add_callback(_callbacks(stop, run_log, counter, tb_writer))
-        if options.early_stopping_patience and args.load_best_model_at_end:
-            trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
-        elif options.early_stopping_patience:
-            echo("note: early stopping needs eval data and --save-steps a multiple of --eval-steps; not enabled")
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        try:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except torch.OutOfMemoryError:
-            tb_writer.flush()
-            record.update(status="out_of_memory", finished=datetime.now(timezone.utc).isoformat())
-            write_run_json(run_dir, record)
-            raise TrainError(oom_advice(profile)) from None
-        except KeyboardInterrupt:
-            tb_writer.flush()
-            record.update(status="aborted", finished=datetime.now(timezone.utc).isoformat(), **run_log)
-            write_run_json(run_dir, record)
-            raise
-        train_seconds = time.perf_counter() - t0
+    run_log: dict = {k: record.history(k) for k in ("losses", "eval_losses", "tokens_per_second")}
+    tb_writer = SummaryWriter(log_dir=str(run.tensorboard), flush_secs=10)
+    trainer = with_batch_sampler(SFTTrainer)(model=model, args=args, train_dataset=prepared.train,
+                                             eval_dataset=prepared.eval, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    mode = batching_mode(profile)
+    if mode != "fixed":
+        batches, _ = plan_batches(dataset_lengths(trainer.train_dataset), mode,
+                                  token_budget=profile.token_budget, seed=options.seed)
+        trainer.swft_batch_sampler = EpochBatchSampler(batches, options.seed)
+        trainer.data_collator = collator_for(mode, tokenizer.pad_token_id, profile.token_budget)
+    counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training)
+    trainer.data_collator = counter
+    trainer.add_callback(_callbacks(stop, run_log, counter, tb_writer))
+    if options.early_stopping_patience and args.load_best_model_at_end:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
+    elif options.early_stopping_patience:
+        echo("note: early stopping needs eval data and --save-steps a multiple of --eval-steps; not enabled")
+    return trainer, run_log, tb_writer
+
+
+def run_training(run: RunFolder, record: RunRecord, profile: Profile, trainer, run_log: dict, tb_writer,
+                 resume_from: Path | None) -> None:
+    """trainer.train(), then its figures into the record. Out of memory: the record says so and a TrainError
+    tells what to lower; Ctrl-C twice: the record says aborted."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError:
+        tb_writer.flush()
+        record.update(status="out_of_memory", finished=_now())
+        run.write_record(record)
+        raise TrainError(oom_advice(profile)) from None
+    except KeyboardInterrupt:
+        tb_writer.flush()
+        record.update(status="aborted", finished=_now(), **run_log)
+        run.write_record(record)
+        raise
+    train_seconds = time.perf_counter() - t0
 
     state = trainer.state
     record.update({
@@ -603,42 +638,38 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
         record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
 
-    if stop.requested:
-        record.update(status="interrupted", finished=datetime.now(timezone.utc).isoformat())
-        write_run_json(run_dir, record)
-        echo(f"stopped at step {state.global_step}; checkpoint saved under {run_dir / 'checkpoints'}. "
-             f"Continue with the same command plus --resume --run-name {run_dir.name}")
-        return run_dir
 
-    # 4. What the trained model computes on the merge check's probe tokens, recorded while it is still in memory:
-    #    the merge is compared with this, not only with PEFT's reading of the saved adapter.
-    from swft_lite.merge import TRAINED_PROBE_FILE, capture_trained_probe
+def record_probe(run: RunFolder, record: RunRecord, trainer, tokenizer, echo) -> None:
+    """What the trained model computes on the merge check's probe tokens, recorded while it is still in memory:
+    the merge is compared with this, not only with PEFT's reading of the saved adapter."""
+    from swft_lite.probes import capture_trained_probe
 
     try:
-        record["trained_probe"] = capture_trained_probe(trainer.model, tokenizer, run_dir / TRAINED_PROBE_FILE)
+        record["trained_probe"] = capture_trained_probe(trainer.model, tokenizer, run.trained_probe)
     except Exception as exc:  # noqa: BLE001 - the run is not lost over it; the merge check says it is missing
         record["trained_probe"] = {"error": f"{type(exc).__name__}: {exc}"}
         echo(f"note: could not record the trained model's probe logits ({type(exc).__name__}: {exc}); the merge "
              "will be checked against base + adapter only")
 
-    # 5. The adapter (the best one when eval data chose it), with tokenizer and chat template.
-    adapter_dir = run_dir / "adapter"
+
+def save_adapter(run: RunFolder, record: RunRecord, trainer, tokenizer, echo) -> Path:
+    """The adapter (the best one when eval data chose it), with tokenizer and chat template."""
+    adapter_dir = run.adapter
     trainer.model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
     record["adapter_dir"] = str(adapter_dir)
     echo(f"adapter: saved to {adapter_dir}")
-    write_run_json(run_dir, record)
+    run.write_record(record)
+    return adapter_dir
 
-    # 6. Merged 16-bit weights, verified against base + adapter and the trained model before they are called done.
-    if options.merge:
-        del trainer, model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        from swft_lite.merge import merge_adapter
 
-        merge_report = merge_adapter(adapter_dir, base=model_path, out_dir=run_dir / "merged", echo=echo,
-                                     device=verification_device(model_path))
-        record["merge"] = merge_report
-    record.update(status="finished", finished=datetime.now(timezone.utc).isoformat())
-    write_run_json(run_dir, record)
-    return run_dir
+def merge_run(run: RunFolder, record: RunRecord, adapter_dir: Path, model_path: str, echo) -> None:
+    """Merged 16-bit weights, verified against base + adapter and the trained model before they are called done."""
+    import torch
+
+    from swft_lite.merge import merge_adapter
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    record["merge"] = merge_adapter(adapter_dir, base=model_path, out_dir=run.merged, echo=echo,
+                                    device=verification_device(model_path))

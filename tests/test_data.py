@@ -421,8 +421,10 @@ def test_cache_hit_skips_rendering(tmp_path, enc, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("rendered again despite the cache")
 
-    monkeypatch.setattr(D, "_render_batch", boom)
-    monkeypatch.setattr(D, "_validate_to_arrow", boom)
+    import swft_lite.data.prepare as prepare_mod  # where prepare_data looks them up
+
+    monkeypatch.setattr(prepare_mod, "_render_batch", boom)
+    monkeypatch.setattr(prepare_mod, "_validate_to_arrow", boom)
     second = D.prepare_data(str(path), None, opts(tmp_path))
     assert second.report["cache"]["hit"] is True
     assert second.report["cache"]["key"] == first.report["cache"]["key"]
@@ -474,10 +476,8 @@ def test_defaults_and_sample(tmp_path, enc, monkeypatch):
     assert len(s.train) == s.report["rows"] >= 30 and s.eval is None
 
 
-def test_check_packing_and_options():
-    assert D.check_packing("hf", True) is True and D.check_packing("unsloth", False) is False
-    with pytest.raises(D.DataError, match="packing is not supported for gpt-oss by the unsloth backend"):
-        D.check_packing("unsloth", True)
+def test_options_are_validated():
+    # (check_packing, tested here before, was dead code and is gone: packing is a profile key, see batching.py)
     with pytest.raises(D.DataError, match="mask must be one of"):
         D.DataOptions(mask="answers").validate()
     with pytest.raises(D.DataError, match="date must be YYYY-MM-DD"):
