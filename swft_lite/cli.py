@@ -585,6 +585,53 @@ def eval_cmd(run, data_path, predictions, compare, as_json, rows_out, max_new_to
         if rows_out:
             click.echo(f"per-row results: {rows_out}")
 
+# --- chat ----------------------------------------------------------------------------------------------------------
+
+
+@main.command("chat")
+@click.argument("model_ref", metavar="RUN|MODEL|FILE.gguf")
+@click.option("--prompt", default=None, help="One message, one reply, then exit (default: interactive).")
+@click.option("--system", default=None, help="Developer instructions (gpt-oss's '# Instructions').")
+@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True)
+@click.option("--no-reasoning", is_flag=True, help="Do not show the reasoning (analysis channel).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per reply (final, reasoning, tokens/s), no "
+              "streaming.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="Run folders: cpu, cuda, cuda:1; auto = cuda "
+              "when available.")
+@click.option("--base", default=None, help="Run folders: use base + adapter/ with this base (skips merged/).")
+@click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="GGUF: layers offloaded to the GPU "
+              "(-1 = all).")
+@click.option("--n-ctx", type=click.IntRange(256), default=8192, show_default=True, help="GGUF: context length.")
+def chat_cmd(model_ref, prompt, system, reasoning_effort, no_reasoning, as_json, max_new_tokens, temperature, seed,
+             device, base, n_gpu_layers, n_ctx):
+    """Chat with a run folder (merged/, or base + adapter/) or a GGUF, in harmony.
+
+    \b
+    The reply streams as it is generated, parsed by openai-harmony into its channels: reasoning dimmed (hidden with
+    --no-reasoning), the answer plain; raw harmony markup is never printed. Earlier turns keep only their answers.
+    Engines: a .gguf through llama-cpp-python; a run or model folder through transformers (+ PEFT for an adapter).
+    """
+    from swft_lite.chat import ChatSession, run_chat
+    from swft_lite.inference import load_engine
+
+    log = (lambda s: click.echo(s, err=True))
+    try:
+        engine = load_engine(model_ref, device=device, base=base, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, log=log)
+        click.secho(f"engine: {engine.description}", dim=True, err=True)
+        session = ChatSession(engine, instructions=system, reasoning_effort=reasoning_effort,
+                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        run_chat(session, prompt=prompt, as_json=as_json, show_reasoning=not no_reasoning)
+        engine.close()
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        fail(str(exc), code=1)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
