@@ -84,6 +84,8 @@ def main():
       swft-lite data check train.jsonl     find data problems before a GPU hour is spent
       swft-lite train --profile rtx4090 --data train.jsonl
       swft-lite save-gguf output/RUN       a GGUF for llama.cpp / Ollama, checked against the trained model
+      swft-lite chat output/RUN            talk to it (or to a .gguf)
+      swft-lite eval output/RUN --data val.jsonl --compare   did fine-tuning help? (wiki-agent metrics)
     """
 
 
