@@ -123,6 +123,8 @@ def main():
       swft-lite data check train.jsonl     find data problems before a GPU hour is spent
       swft-lite train --profile rtx4090 --data train.jsonl
       swft-lite save-gguf output/RUN       a GGUF for llama.cpp / Ollama, checked against the trained model
+      swft-lite chat output/RUN            talk to it (or to a .gguf)
+      swft-lite eval output/RUN --data val.jsonl --compare   did fine-tuning help? (wiki-agent metrics)
     """
 
 
@@ -487,6 +489,142 @@ def save_gguf_cmd(source, quant, out, llama_cpp, fetch_converter, overwrite, no_
                          overwrite=overwrite, modelfile=not no_modelfile, log=click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
+
+# --- eval ----------------------------------------------------------------------------------------------------------
+
+
+@main.command("eval")
+@click.argument("run", metavar="RUN|MODEL|FILE.gguf", required=False)
+@click.option("--data", "data_path", metavar="VAL.jsonl", help="Conversations in the training chat format: the "
+              "model answers each one's last user turn; the last assistant message is the reference answer.")
+@click.option("--predictions", metavar="FILE.jsonl", help="Score answers generated elsewhere instead (same chat "
+              "format; the last assistant message of each row is the answer). No model is loaded.")
+@click.option("--compare", metavar="BASE", is_flag=False, flag_value="", default=None,
+              help="Also run the base model and print both columns. Without a value: the base in RUN/run.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (for scripts).")
+@click.option("--rows-out", metavar="FILE.jsonl", help="Write per-row answers and scores here.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (with --temperature > 0).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows.")
+@click.option("--mask", type=click.Choice(["assistant", "final", "all"]), default="assistant", show_default=True,
+              help="Which reference tokens the eval loss counts (the training masks).")
+@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
+              show_default=True, help="Reasoning level in the system block for rows that set none.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1; auto = cuda when available.")
+@click.option("--mermaid-checker", type=click.Choice(["auto", "mermaid", "subset"]), default="auto",
+              show_default=True, help="auto: Mermaid's own parser (node + npm mermaid) when installed, else the subset "
+              "check of flowchart/sequence/class syntax.")
+@click.option("--fetch-mermaid", is_flag=True, help="npm install mermaid and jsdom into ~/.cache/swft-lite/mermaid "
+              "first (needs node 18+).")
+def eval_cmd(run, data_path, predictions, compare, as_json, rows_out, max_new_tokens, temperature, seed, limit, mask,
+             reasoning_effort, device, mermaid_checker, fetch_mermaid):
+    """Score answers with the wiki-agent metrics; fine-tuned vs base side by side with --compare.
+
+    \b
+      swft-lite eval output/RUN --data val.jsonl --compare     generate (greedy), score, eval loss, both models
+      swft-lite eval --predictions answers.jsonl               score answers generated elsewhere
+    \b
+    source_refs     cited claims / claims: a claim (list item, sentence, table row) cites PATH:LINE(-LINE) of a
+                    file shown in the prompt (fenced block with a path label, <file path=...>), line within it
+    markdown_valid  markdown-it-py parse: not empty, fences closed, no heading level skipped going down
+    mermaid_valid   ```mermaid blocks that parse (Mermaid itself, or the stated subset check)
+    format_ok       a final channel, no harmony markup leaked; reasoning length
+    eval loss       teacher-forced on the reference answers with the training masks (--mask)
+    """
+    from swft_lite import evaluate as ev
+    from swft_lite import metrics as M
+    from swft_lite.data import DataOptions
+    from swft_lite.inference import run_base
+
+    log = (lambda s: click.echo(s, err=True))
+    try:
+        if fetch_mermaid:
+            M.install_mermaid(log=log)
+        try:
+            checker, why = M.mermaid_checker(mermaid_checker)
+        except RuntimeError as exc:
+            raise ev.EvalError(f"{exc}; run with --fetch-mermaid, or --mermaid-checker subset") from None
+        checker_note = checker.description + (f" ({why})" if why and mermaid_checker == "auto" else "")
+        options = DataOptions(mask=mask, reasoning_effort=reasoning_effort)
+        results = []
+        if predictions:
+            if compare is not None:
+                raise ev.EvalError("--compare needs generation: give RUN and --data instead of --predictions")
+            rows = ev.read_predictions(predictions)[:limit]
+            results.append(ev.score("predictions", f"answers from {predictions}", rows, [r.answer for r in rows],
+                                    checker))
+        else:
+            if not run or not data_path:
+                raise ev.EvalError("give RUN and --data VAL.jsonl to generate answers, or --predictions FILE.jsonl to "
+                                   "score answers generated elsewhere")
+            rows = ev.read_data(data_path)[:limit]
+            for r in rows:  # every row is checked before a model loads
+                ev._prompt_tokens(r, options)
+            kw = dict(device=device, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, log=log)
+            results.append(ev.evaluate_model("fine-tuned" if compare is not None else "model", run, rows, options,
+                                             checker, **kw))
+            if compare is not None:
+                base = compare or run_base(run)
+                if not base:
+                    raise ev.EvalError(f"{run}: no run.json or adapter config names the base model; pass --compare "
+                                       "BASE")
+                results.append(ev.evaluate_model("base", base, rows, options, checker, **kw))
+    except KeyboardInterrupt:
+        fail("aborted", code=130)
+    if rows_out:
+        ev.write_rows(rows_out, rows, results)
+    if as_json:
+        click.echo(json.dumps({"mermaid_checker": checker.name, "mermaid_checker_description": checker_note,
+                               "models": {r.label: {"engine": r.engine, **r.summary} for r in results},
+                               "rows_out": rows_out}, indent=2))
+    else:
+        click.echo(ev.format_table(results, checker_note))
+        if rows_out:
+            click.echo(f"per-row results: {rows_out}")
+
+# --- chat ----------------------------------------------------------------------------------------------------------
+
+
+@main.command("chat")
+@click.argument("model_ref", metavar="RUN|MODEL|FILE.gguf")
+@click.option("--prompt", default=None, help="One message, one reply, then exit (default: interactive).")
+@click.option("--system", default=None, help="Developer instructions (gpt-oss's '# Instructions').")
+@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True)
+@click.option("--no-reasoning", is_flag=True, help="Do not show the reasoning (analysis channel).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per reply (final, reasoning, tokens/s), no "
+              "streaming.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="Run folders: cpu, cuda, cuda:1; auto = cuda "
+              "when available.")
+@click.option("--base", default=None, help="Run folders: use base + adapter/ with this base (skips merged/).")
+@click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="GGUF: layers offloaded to the GPU "
+              "(-1 = all).")
+@click.option("--n-ctx", type=click.IntRange(256), default=8192, show_default=True, help="GGUF: context length.")
+def chat_cmd(model_ref, prompt, system, reasoning_effort, no_reasoning, as_json, max_new_tokens, temperature, seed,
+             device, base, n_gpu_layers, n_ctx):
+    """Chat with a run folder (merged/, or base + adapter/) or a GGUF, in harmony.
+
+    \b
+    The reply streams as it is generated, parsed by openai-harmony into its channels: reasoning dimmed (hidden with
+    --no-reasoning), the answer plain; raw harmony markup is never printed. Earlier turns keep only their answers.
+    Engines: a .gguf through llama-cpp-python; a run or model folder through transformers (+ PEFT for an adapter).
+    """
+    from swft_lite.chat import ChatSession, run_chat
+    from swft_lite.inference import load_engine
+
+    log = (lambda s: click.echo(s, err=True))
+    try:
+        engine = load_engine(model_ref, device=device, base=base, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, log=log)
+        click.secho(f"engine: {engine.description}", dim=True, err=True)
+        session = ChatSession(engine, instructions=system, reasoning_effort=reasoning_effort,
+                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        run_chat(session, prompt=prompt, as_json=as_json, show_reasoning=not no_reasoning)
+        engine.close()
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
 
 
 if __name__ == "__main__":  # pragma: no cover
