@@ -295,15 +295,18 @@ def load_engine(ref: str | Path, *, device: str = "auto", dtype: str | None = No
             raise ChatError(f"{p}: no such GGUF file")
         return GGUFEngine(p, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
     from swft_lite import merge as merge_mod
+    from swft_lite.probes import default_dtype, load_causal_lm
+    from swft_lite.run_folder import RunFolder, find_adapter
 
     device = _device(device)
-    torch_dtype = merge_mod._default_dtype(device, dtype)
-    if p.is_dir() and (p / "merged" / "config.json").exists() and base is None:
-        log(f"loading {p / 'merged'} ...")
-        model = merge_mod._load_causal_lm(p / "merged", device, torch_dtype)
-        return HFEngine(model, device, f"transformers: {p / 'merged'} (merged) on {device}, "
+    torch_dtype = default_dtype(device, dtype)
+    merged = RunFolder(p).merged
+    if p.is_dir() and (merged / "config.json").exists() and base is None:
+        log(f"loading {merged} ...")
+        model = load_causal_lm(merged, device, torch_dtype)
+        return HFEngine(model, device, f"transformers: {merged} (merged) on {device}, "
                                        f"{str(torch_dtype).replace('torch.', '')}")
-    if p.is_dir() and ((p / "adapter" / "adapter_config.json").exists() or (p / "adapter_config.json").exists()):
+    if p.is_dir() and find_adapter(p) is not None:
         try:
             inputs = merge_mod.resolve_inputs(p, base=base)
         except merge_mod.MergeError as exc:
@@ -311,13 +314,13 @@ def load_engine(ref: str | Path, *, device: str = "auto", dtype: str | None = No
         from peft import PeftModel
 
         log(f"loading {inputs.base_dir} + {inputs.adapter_dir} ...")
-        model = merge_mod._load_causal_lm(inputs.base_dir, device, torch_dtype)
+        model = load_causal_lm(inputs.base_dir, device, torch_dtype)
         model = PeftModel.from_pretrained(model, str(inputs.adapter_dir)).eval()
         return HFEngine(model, device, f"transformers + PEFT: base {inputs.base_dir} + adapter {inputs.adapter_dir} "
                                        f"on {device}, {str(torch_dtype).replace('torch.', '')}")
     if p.is_dir() and (p / "config.json").exists():
         log(f"loading {p} ...")
-        model = merge_mod._load_causal_lm(p, device, torch_dtype)
+        model = load_causal_lm(p, device, torch_dtype)
         return HFEngine(model, device, f"transformers: {p} on {device}, {str(torch_dtype).replace('torch.', '')}")
     if p.is_dir():
         raise ChatError(f"{p} is neither a run folder (merged/ or adapter/ inside), a model folder (config.json) nor "
@@ -332,8 +335,10 @@ def load_engine(ref: str | Path, *, device: str = "auto", dtype: str | None = No
 
 def run_base(ref: str | Path) -> str | None:
     """The base model a run folder was trained from (run.json's model, else the adapter's base), or None."""
-    p = Path(ref)
-    for f, key in ((p / "run.json", "model"), (p / "adapter" / "adapter_config.json", "base_model_name_or_path")):
+    from swft_lite.run_folder import RunFolder
+
+    run = RunFolder(ref)
+    for f, key in ((run.run_json, "model"), (run.adapter / "adapter_config.json", "base_model_name_or_path")):
         if f.exists():
             try:
                 value = json.loads(f.read_text()).get(key)
