@@ -191,6 +191,7 @@ def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None)
         max_seq_length=longest,
         **lora_kwargs(profile),
     )
+    model.config.use_cache = False  # training: no KV cache (as load_hf)
     return model, tokenizer
 
 
@@ -303,21 +304,47 @@ def enable_packed_attention_unsloth(model) -> int:
     Under Unsloth 2026.10.9 a gpt-oss layer in training calls unsloth_zoo's flex_attention_with_sink(self, q, k, v):
     the model's mask is dropped and a causal (or 128-token sliding-window) BlockMask is built from the shapes alone,
     so packed rows see each other - why Unsloth switches packing off for gpt-oss. Here each attention module's
-    forward is wrapped (per instance; no Unsloth file changes): in training, for a packed batch (position ids that
-    restart, noted by a hook on the decoder), it runs the same flex attention with a mask that also requires the
-    same row, and adds the sinks as Unsloth does (out * sigmoid(lse - sink), per query, so per row). Anything else
-    goes to Unsloth's forward. scripts/packing_check.py measures it on the GPU."""
-    import types
-
-    import torch
-    from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
-
+    forward is wrapped (enable_packed_flex_attention, per instance; no Unsloth file changes) with Unsloth's own
+    compiled flex attention and kernel options. scripts/packing_check.py measures it on the GPU."""
     try:
         from unsloth_zoo.flex_attention.utils import (FLEX_LSE_KWARGS, PREFILL_KERNEL_OPTIONS, flex_attention,
                                                       flex_output_and_lse)
     except ImportError as exc:  # pragma: no cover - GPU stack only
         raise BackendError(f"packing under Unsloth needs unsloth_zoo's flex attention ({exc}); "
                            "set packing = false") from exc
+    return enable_packed_flex_attention(model, FlexKernel(flex_attention, FLEX_LSE_KWARGS, flex_output_and_lse,
+                                                          PREFILL_KERNEL_OPTIONS))
+
+
+@dataclass(frozen=True)
+class FlexKernel:
+    """A flex attention callable and how to ask it for the log-sum-exp: Unsloth's compiled one on the GPU, torch's
+    own (`torch_flex_kernel`) anywhere else."""
+
+    attention: object
+    lse_kwargs: dict
+    output_and_lse: object  # the call's result -> (output, lse)
+    kernel_options: dict | None = None
+
+
+def torch_flex_kernel() -> FlexKernel:
+    """torch's flex attention, uncompiled (runs on the CPU: the tests' proof of the packed attention's mask)."""
+    from torch.nn.attention import flex_attention as fa
+
+    if hasattr(fa, "AuxRequest"):
+        return FlexKernel(fa.flex_attention, {"return_aux": fa.AuxRequest(lse=True)}, lambda r: (r[0], r[1].lse))
+    return FlexKernel(fa.flex_attention, {"return_lse": True}, lambda r: r)  # pragma: no cover - older torch
+
+
+def enable_packed_flex_attention(model, kernel: FlexKernel) -> int:
+    """Wrap each gpt-oss attention module's forward: in training, for a packed batch (position ids that restart,
+    noted by a hook on the decoder), flex attention with a mask that also requires the same row (causality and the
+    sliding window as gpt-oss has them), and the sinks added as Unsloth adds them (out * sigmoid(lse - sink), per
+    query, so per row). Anything else goes to the module's own forward."""
+    import types
+
+    import torch
+    from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
 
     decoder = _gpt_oss_decoder(model)
     if getattr(decoder, "_swft_packed_attention", False):
@@ -335,10 +362,13 @@ def enable_packed_attention_unsloth(model) -> int:
 
     decoder.register_forward_pre_hook(note_rows, with_kwargs=True)
     decoder._swft_packed_attention = True
+    extra = {"kernel_options": kernel.kernel_options} if kernel.kernel_options is not None else {}
 
     def packed_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                        **kwargs):
-        if not (self.training and rows.active and past_key_values is None):
+        # rows.active only for a training forward that came in without a cache: a cache the decoder made itself
+        # (use_cache left on) is empty and unused, and must not send a packed batch to the leaking path.
+        if not (self.training and rows.active):
             return self._swft_unpacked_forward(hidden_states, position_embeddings, attention_mask,
                                                past_key_values, **kwargs)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
@@ -348,10 +378,9 @@ def enable_packed_attention_unsloth(model) -> int:
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out, lse = flex_output_and_lse(flex_attention(
+        out, lse = kernel.output_and_lse(kernel.attention(
             q, k, v, block_mask=rows.block_mask(self.sliding_window, q.shape[2], q.device),
-            enable_gqa=self.num_key_value_groups != 1, scale=self.scaling, kernel_options=PREFILL_KERNEL_OPTIONS,
-            **FLEX_LSE_KWARGS))
+            enable_gqa=self.num_key_value_groups != 1, scale=self.scaling, **extra, **kernel.lse_kwargs))
         out = out * torch.sigmoid(lse - self.sinks.view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(out), None

@@ -125,6 +125,33 @@ def test_packed_rows_compute_what_they_compute_alone(tiny_window_model, attn):
     assert leak > 1e-2, f"a leaking mask went unnoticed (max |dlogit| {leak:.2e})"
 
 
+def test_the_packed_attention_unsloth_runs_keeps_rows_apart(tiny_window_model):
+    """The attention forward that packing installs under Unsloth (backends.enable_packed_flex_attention: the
+    same-row block mask, the sliding window, the sinks from the log-sum-exp), run here with torch's own flex
+    attention instead of Unsloth's compiled one: in training, packed rows give the logits of the rows alone, the
+    tokens before a row change nothing in it, and positions that hide the row boundaries are caught."""
+    import torch
+
+    from swft_lite.backends import enable_packed_flex_attention, torch_flex_kernel
+    from swft_lite.batching import PackedCollator, packed_isolation_error
+
+    model = copy.deepcopy(tiny_window_model)
+    model.config._attn_implementation = "eager"
+    assert enable_packed_flex_attention(model, torch_flex_kernel()) == model.config.num_hidden_layers
+    model.train()  # the wrapper acts in training only (no dropout in gpt-oss)
+    rows = random_rows([40, 23, 57, 9], seed=1)
+    err = packed_isolation_error(model, rows)
+    assert err <= 1e-4, f"packed rows differ from the rows alone by {err:.2e}"
+    # Other tokens before the last row: its logits do not move.
+    other = random_rows([40], seed=9)[0]
+    with torch.no_grad():
+        a, b = (model(**{k: v for k, v in PackedCollator()([first, rows[2]]).items() if k != "labels"}).logits[0, 40:]
+                for first in (rows[0], other))
+    assert float((a - b).abs().max()) <= 1e-5
+    leak = packed_isolation_error(model, rows, restart_positions=False)
+    assert leak > 1e-2, f"a leaking mask went unnoticed (max |dlogit| {leak:.2e})"
+
+
 def _trainer(model, tokenizer, rows, batches, collator, tmp_path, accumulation):
     import datasets
     from trl import SFTConfig, SFTTrainer
