@@ -268,6 +268,12 @@ def _check_consistency(p: Profile, where: str, sources: dict[str, str] | None = 
                            f"token_budget = {p.max_seq_length}")
     if p.token_budget and p.token_budget < 128:
         raise ProfileError(f"{where}: key 'token_budget' must be 0 (off) or >= 128, got {p.token_budget}")
+    if p.token_budget and p.token_budget < p.max_seq_length:
+        raise ProfileError(f"{where}: key 'token_budget' ({p.token_budget}, from {src.get('token_budget', 'the defaults')})"
+                           f" is smaller than max_seq_length ({p.max_seq_length}, from "
+                           f"{src.get('max_seq_length', 'the defaults')}): a row of up to max_seq_length tokens must "
+                           f"fit one pass. Set token_budget >= {p.max_seq_length}, or lower max_seq_length to "
+                           f"{p.token_budget}")
     if p.lr_scheduler == "cosine_with_min_lr" and p.min_learning_rate >= p.learning_rate:
         raise ProfileError(f"{where}: key 'min_learning_rate' ({p.min_learning_rate:g}, from "
                            f"{src.get('min_learning_rate', 'the defaults')}) must be below 'learning_rate' "

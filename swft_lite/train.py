@@ -67,12 +67,6 @@ class TrainOptions:
 _FINGERPRINT_OPTIONS = ("model", "eval_fraction", "seed", "mask", "overlong", "reasoning_effort", "date")
 
 
-def row_length_limit(profile: Profile) -> int:
-    """The longest row a run keeps: max_seq_length, or the token budget when that is smaller (a row must fit a
-    pass); longer rows follow --overlong."""
-    return min(profile.max_seq_length, profile.token_budget) if profile.token_budget else profile.max_seq_length
-
-
 def fingerprint_parts(profile: Profile, options: TrainOptions, data_report: dict) -> dict:
     """Everything that decides what a run trains, flat, so a changed value can be named."""
     parts = {f"profile.{k}": v for k, v in profile.to_dict().items() if k not in ("description", "source")}
@@ -489,7 +483,7 @@ def prepare_data(profile: Profile, options: TrainOptions, echo):
     from swft_lite import data as data_mod
 
     data_opts = data_mod.DataOptions(
-        max_seq_length=row_length_limit(profile), mask=options.mask, overlong=options.overlong,
+        max_seq_length=profile.max_seq_length, mask=options.mask, overlong=options.overlong,
         reasoning_effort=options.reasoning_effort, date=options.date, eval_fraction=options.eval_fraction,
         seed=options.seed, num_proc=options.num_proc)
     echo(f"data: checking and rendering {options.data or 'data/processed/train.jsonl'} (harmony, mask={options.mask})")
@@ -499,6 +493,9 @@ def prepare_data(profile: Profile, options: TrainOptions, echo):
          (f", {len(prepared.eval)} eval rows" if prepared.eval is not None else "") +
          f"; {rep.get('dropped_overlong', 0)} dropped as longer than {profile.max_seq_length} tokens, "
          f"{rep.get('truncated', 0)} truncated")
+    overlong = data_mod.format_overlong(rep, profile.max_seq_length)
+    if overlong:
+        echo(overlong + f" (--overlong {options.overlong})")
     return prepared
 
 

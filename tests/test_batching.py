@@ -246,7 +246,8 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     from swft_lite.cli import main
 
     result = CliRunner().invoke(main, ["train", "--profile", "h100", "--data", "sample", "--dry-run",
-                                       "--token-budget", "4096", "--output-root", str(tmp_path / "runs")])
+                                       "--token-budget", "4096", "--max-seq-length", "4096",
+                                       "--output-root", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     out = result.output
     assert "plan: 40 rows, 12,730 tokens an epoch" in out
@@ -255,6 +256,30 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     assert "time       ~" in out  # the h100 settings have a measured pass time
     assert not (tmp_path / "runs").exists()  # no run folder
     assert "unsloth" not in sys.modules and "done:" not in out
+
+
+def test_rows_longer_than_a_pass_are_named_before_the_model_loads(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from swft_lite.cli import main
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 3
+    rows.insert(1, {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "--profile", "h100", "--data", str(data), "--dry-run", "--output-root", str(tmp_path / "runs"),
+            "--max-seq-length", "256"]
+    result = CliRunner().invoke(main, args + ["--token-budget", "256"])
+    assert result.exit_code == 0, result.output
+    assert f"data: 1 row(s) longer than 256 tokens: {data}:2: " in result.output
+    assert "tokens dropped (--overlong drop)" in result.output
+    # A budget a kept row would not fit is refused, naming both numbers.
+    result = CliRunner().invoke(main, args + ["--token-budget", "200"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: ") and "'token_budget' (200" in result.output
+    assert "max_seq_length (256" in result.output and "Traceback" not in result.output
 
 
 def _varied_rows(n=24, seed=0):

@@ -88,6 +88,34 @@ def _validate_to_arrow(sources: list[Source], options: DataOptions, arrow_path: 
     return infos, n_rows
 
 
+def _overlong_rows(rendered, status, sources) -> list[dict]:
+    """Where the rows longer than max_seq_length are (the first MAX_SHOWN): file, line or row, tokens, and what
+    --overlong did with them."""
+    import numpy as np
+
+    action = {STATUS_DROPPED: "dropped", STATUS_TRUNCATED: "truncated", STATUS_TRUNC_EMPTY: "dropped"}
+    idx = np.nonzero(np.isin(status, list(action)))[0][:MAX_SHOWN]
+    if not len(idx):
+        return []
+    src = rendered.data.column("src").to_numpy()
+    lines = rendered.data.column("line").to_numpy()
+    tokens = rendered.data.column("n_tokens").to_numpy()
+    return [{"file": sources[int(src[i])].display, "line": int(lines[i]), "unit": sources[int(src[i])].unit,
+             "tokens": int(tokens[i]), "action": action[int(status[i])]} for i in idx]
+
+
+def format_overlong(report: dict, limit: int) -> str | None:
+    """One line naming where the rows longer than `limit` tokens are, or None when there are none."""
+    rows = report.get("overlong_rows") or []
+    total = report.get("dropped_overlong", 0) + report.get("truncated", 0) + report.get("dropped_truncated_untrained", 0)
+    if not total:
+        return None
+    where = ", ".join(str(Problem(r["file"], r["line"], f"{r['tokens']:,} tokens {r['action']}", r["unit"]))
+                      for r in rows)
+    more = f" and {total - len(rows)} more" if total > len(rows) else ""
+    return f"data: {total} row(s) longer than {limit:,} tokens: {where}{more}"
+
+
 def _split_stats(status, n_kept, n_trained, sel) -> dict:
     """Counts for one split; tokens are those of the kept rows after truncation."""
     st = status[sel]
@@ -183,6 +211,7 @@ def prepare_data(train: str | None, eval: str | None, options: DataOptions | Non
             is_eval = np.zeros(n_rows, dtype=bool)
             eval_source = None
         keep = (status == STATUS_KEPT) | (status == STATUS_TRUNCATED)
+        overlong = _overlong_rows(rendered, status, sources)
         splits = {"train": _split_stats(status, col["n_kept"], col["n_trained"], ~is_eval)}
         if eval_source:
             splits["eval"] = _split_stats(status, col["n_kept"], col["n_trained"], is_eval)
@@ -205,6 +234,7 @@ def prepare_data(train: str | None, eval: str | None, options: DataOptions | Non
             **totals,
             "splits": splits,
             "eval_source": eval_source,
+            "overlong_rows": overlong,
             "file_infos": infos,
             "options": dataclasses.asdict(options),
             "render": {"renderer": "openai-harmony render_conversation_for_training", "harmony": _harmony_version(),

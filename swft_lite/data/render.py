@@ -9,7 +9,7 @@ from swft_lite.data.normalize import RowError, _segments, normalize_row
 from swft_lite.data.options import DataError, DataOptions, Problem
 
 
-RENDER_VERSION = 1  # bump whenever rendering or masking changes: it is part of the cache key
+RENDER_VERSION = 2  # bump whenever rendering, masking or the report changes: it is part of the cache key
 STATUS_KEPT, STATUS_TRUNCATED, STATUS_DROPPED, STATUS_TRUNC_EMPTY, STATUS_EMPTY = 0, 1, 2, 3, 4
 
 
