@@ -100,7 +100,7 @@ def _overlong_rows(rendered, status, sources) -> list[dict]:
     src = rendered.data.column("src").to_numpy()
     lines = rendered.data.column("line").to_numpy()
     tokens = rendered.data.column("n_tokens").to_numpy()
-    return [{"file": sources[int(src[i])].display, "line": int(lines[i]), "unit": sources[int(src[i])].unit,
+    return [{"src": int(src[i]), "line": int(lines[i]), "unit": sources[int(src[i])].unit,
              "tokens": int(tokens[i]), "action": action[int(status[i])]} for i in idx]
 
 
@@ -159,6 +159,10 @@ def prepare_data(train: str | None, eval: str | None, options: DataOptions | Non
     cache_root = Path(options.cache_dir).expanduser() if options.cache_dir else default_cache_dir()
     entry = cache_root / key
 
+    def name_overlong(report):
+        # The cache entry is keyed by content: name the files as this call gave them.
+        report["overlong_rows"] = [{**r, "file": sources[r["src"]].display} for r in report.get("overlong_rows", [])]
+
     def files_report(infos):
         return {s.display: {"sha256": h, "rows": i["rows"], "format": i["format"], "role": r}
                 for s, h, i, r in zip(sources, hashes, infos, ("train", "eval"))}
@@ -169,6 +173,7 @@ def prepare_data(train: str | None, eval: str | None, options: DataOptions | Non
             tr = datasets.load_from_disk(str(entry / "train"))
             ev = datasets.load_from_disk(str(entry / "eval")) if (entry / "eval").exists() else None
             report["files"] = files_report(report["file_infos"])
+            name_overlong(report)
             report["cache"] = {"hit": True, "path": str(entry), "key": key}
             report["seconds"] = round(time.perf_counter() - t0, 3)
             return PreparedData(tr, ev, report)
@@ -254,6 +259,7 @@ def prepare_data(train: str | None, eval: str | None, options: DataOptions | Non
     ev = datasets.load_from_disk(str(entry / "eval")) if (entry / "eval").exists() else None
     report = json.loads((entry / "report.json").read_text())
     report["files"] = files_report(infos)
+    name_overlong(report)
     report["cache"] = {"hit": False, "path": str(entry), "key": key}
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return PreparedData(tr, ev, report)
