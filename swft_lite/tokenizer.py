@@ -122,10 +122,9 @@ def find_vocab(download: bool = True, timeout: float = 30.0) -> Path:
     try:
         return _download(cached, timeout)
     except VocabularyNotFound as exc:
-        raise VocabularyNotFound(
-            f"no {VOCAB_FILE}: TIKTOKEN_ENCODINGS_BASE is not set, there is no {shared} or {cached}, and {exc}. "
-            f"Offline, put {VOCAB_FILE} (sha256 {VOCAB_SHA256[:12]}...) in a folder and set "
-            "TIKTOKEN_ENCODINGS_BASE to it") from exc
+        raise VocabularyNotFound(f"none found (TIKTOKEN_ENCODINGS_BASE is unset, nothing in {cached.parent}) and "
+                                 f"{exc}; offline, set TIKTOKEN_ENCODINGS_BASE to a folder holding {VOCAB_FILE}"
+                                 ) from exc
 
 
 def use_vocab(download: bool = True) -> Path:

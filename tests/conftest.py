@@ -35,14 +35,13 @@ TINY_SIZE = dict(num_layers=2, hidden_size=64, num_experts=4, experts_per_token=
 def o200k_vocab() -> Path:
     """o200k_base.tiktoken, with TIKTOKEN_ENCODINGS_BASE pointing at its folder; downloaded once when online."""
     global _VOCAB, _VOCAB_PROBLEM
-    if _VOCAB is None and not _VOCAB_PROBLEM.startswith("download failed"):
+    if _VOCAB is None and _VOCAB_PROBLEM and not _VOCAB_PROBLEM.startswith("!"):
         try:
             _VOCAB = _tok.use_vocab(download=True)
         except _tok.VocabularyNotFound as exc:
-            _VOCAB_PROBLEM = f"download failed: {exc}"
+            _VOCAB_PROBLEM = f"!{exc}"  # "!": the download was tried (once per session)
     if _VOCAB is None:
-        pytest.skip(f"needs the o200k vocabulary (set TIKTOKEN_ENCODINGS_BASE to a folder holding "
-                    f"{_tok.VOCAB_FILE}, or run online once): {_VOCAB_PROBLEM}")
+        pytest.skip(f"needs the o200k vocabulary: {_VOCAB_PROBLEM.lstrip('!')}")
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(_VOCAB.parent)
     return _VOCAB
 

@@ -203,6 +203,7 @@ def test_a_step_has_the_gradient_of_its_rows_one_at_a_time(tiny_model_dir, token
 # --- through `swft-lite train` --------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("o200k_vocab")  # the plan renders the data with openai-harmony
 def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     import sys
 
