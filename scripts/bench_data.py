@@ -21,9 +21,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-_tiktoken = REPO.parent / "shared" / "tiktoken"
-if _tiktoken.is_dir():  # openai-harmony offline
-    os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(_tiktoken))
+sys.path.insert(0, str(REPO))
+from swft_lite.tokenizer import VocabularyNotFound, use_vocab  # noqa: E402
+
+try:  # openai-harmony offline: TIKTOKEN_ENCODINGS_BASE, ../shared/tiktoken or the cache
+    use_vocab(download=False)
+except VocabularyNotFound:
+    pass  # harmony downloads it (online) or says what is missing
 
 WORDS = ("service database cache queue event schema latency throughput replica partition consumer producer "
          "gateway boundary context decision consequence trade-off migration rollout rollback deployment region "

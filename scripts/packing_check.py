@@ -141,7 +141,10 @@ def main(argv=None) -> int:
 
         from swft_lite.random_model import save_random_gpt_oss
 
-        files = os.environ.get("SWFT_SHARED_MODEL") or str(REPO.parent / "shared" / "models" / "gpt-oss-20b")
+        from swft_lite.tokenizer import gpt_oss_files
+
+        # gpt-oss-20b's config and tokenizer: $SWFT_SHARED_MODEL, else built from the o200k vocabulary (cached)
+        files = os.environ.get("SWFT_SHARED_MODEL") or str(gpt_oss_files())
         model_path = str(save_random_gpt_oss(Path(tempfile.mkdtemp()) / "tiny", files, seed=0, num_layers=2,
                                              hidden_size=64, num_experts=4, experts_per_token=2, num_heads=4,
                                              num_kv_heads=2, head_dim=16, initializer_range=0.1))

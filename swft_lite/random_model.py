@@ -71,10 +71,16 @@ def build_random_gpt_oss(config, seed: int = 0, dtype=None):
     return model.eval()
 
 
-def save_random_gpt_oss(out_dir: str | Path, shared_model_dir: str | Path, *, seed: int = 0, dtype=None,
+def save_random_gpt_oss(out_dir: str | Path, model_files: str | Path | None = None, *, seed: int = 0, dtype=None,
                         max_shard_size: str | None = None, **size) -> Path:
-    """Write a random gpt-oss (config, safetensors, tokenizer, chat template) to out_dir, like a hub download."""
-    shared_model_dir = Path(shared_model_dir)
+    """Write a random gpt-oss (config, safetensors, tokenizer, chat template) to out_dir, like a hub download.
+    model_files: a folder with gpt-oss-20b's config.json and tokenizer files; None builds (or reuses) the one
+    swft_lite.tokenizer.gpt_oss_files makes from the o200k vocabulary."""
+    if model_files is None:
+        from .tokenizer import gpt_oss_files
+
+        model_files = gpt_oss_files()
+    shared_model_dir = Path(model_files)
     out_dir = Path(out_dir)
     config = gpt_oss_config(shared_model_dir / "config.json", **size)
     model = build_random_gpt_oss(config, seed=seed, dtype=dtype)

@@ -84,12 +84,12 @@ def test_collators_pad_and_pack():
 
 
 @pytest.fixture(scope="module")
-def tiny_window_model(shared_model_dir):
+def tiny_window_model(gpt_oss_files):
     """A 2-layer gpt-oss whose sliding window (16 tokens) is shorter than the rows, so windowed layers matter."""
     from conftest import TINY_SIZE
     from swft_lite.random_model import build_random_gpt_oss, gpt_oss_config
 
-    config = gpt_oss_config(shared_model_dir / "config.json", initializer_range=0.1, **TINY_SIZE)
+    config = gpt_oss_config(gpt_oss_files / "config.json", initializer_range=0.1, **TINY_SIZE)
     config.sliding_window = 16
     return build_random_gpt_oss(config, seed=5)
 
@@ -238,6 +238,7 @@ def test_a_step_has_the_gradient_of_its_rows_one_at_a_time(tiny_model_dir, token
 # --- through `swft-lite train` --------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("o200k_vocab")  # the plan renders the data with openai-harmony
 def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     import sys
 

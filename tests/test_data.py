@@ -1,6 +1,6 @@
 """The data path: formats, sources, harmony rendering (checked against the HF chat template), loss masks token by
 token, bad rows with their line numbers through `swft-lite data check`, the length policy, the cache and the eval
-split. Real openai-harmony and the real tokenizer from ../shared; no network."""
+split. Real openai-harmony and the real tokenizer (built from the o200k vocabulary, conftest); no network."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ from swft_lite.profiles import load_profile
 DATE = "2025-06-28"
 SYSTEM = "You write architecture docs."
 
+# Every test here renders with openai-harmony, which needs the o200k vocabulary.
+pytestmark = pytest.mark.usefixtures("o200k_vocab")
+
 
 @pytest.fixture(scope="module")
-def enc(shared_model_dir):
+def enc(o200k_vocab):
     return D._encoding()
 
 
@@ -86,8 +89,8 @@ def run_check(*args):
 
 
 @pytest.fixture(scope="module")
-def hf_template(shared_model_dir):
-    text = (shared_model_dir / "chat_template.jinja").read_text()
+def hf_template(gpt_oss_files):
+    text = (gpt_oss_files / "chat_template.jinja").read_text()
     # The template stamps strftime_now("%Y-%m-%d"); pin it to the same fixed date swft-lite renders.
     assert text.count('strftime_now("%Y-%m-%d")') == 1
     return text.replace('strftime_now("%Y-%m-%d")', json.dumps(DATE))

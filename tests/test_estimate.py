@@ -130,9 +130,8 @@ def test_load_shape_from_config_file_and_folder(tmp_path):
     assert est.load_shape(tmp_path / "config.json") == est.DEFAULT_SHAPE
     with pytest.raises(ProfileError):
         est.load_shape(tmp_path / "missing")
-    shared = REPO.parent / "shared" / "models" / "gpt-oss-20b" / "config.json"
-    if shared.exists():  # the built-in copy is the real config
-        assert est.load_shape(shared) == est.DEFAULT_SHAPE
+    # the built-in copy is the real config (shipped in swft_lite/assets)
+    assert est.load_shape(Path(est.__file__).parent / "assets" / "gpt-oss-20b" / "config.json") == est.DEFAULT_SHAPE
 
 
 def test_headroom_limits():

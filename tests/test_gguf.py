@@ -16,7 +16,7 @@ import pytest
 
 from test_merge import make_run, save_sharp_base
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("o200k_vocab")]  # harmony needs the o200k vocabulary
 
 HARMONY_CHANNELS_LINE = "# Valid channels: analysis, commentary, final. Channel must be included for every message."
 
@@ -189,7 +189,7 @@ def test_no_converter_explains_every_way(run_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_merge_and_export_end_to_end(tmp_path, shared_model_dir, llama_cpp_dir):
+def test_train_merge_and_export_end_to_end(tmp_path, gpt_oss_files, llama_cpp_dir):
     """The whole way a user goes, through the real commands: train (hf backend, attention + expert LoRA) with its
     verified merge at the end, then save-gguf at f16, q8_0 and mxfp4 - each file read back, run with llama.cpp
     against the merged model, and generating."""
@@ -198,7 +198,7 @@ def test_train_merge_and_export_end_to_end(tmp_path, shared_model_dir, llama_cpp
 
     from swft_lite.random_model import save_random_gpt_oss
 
-    base = save_random_gpt_oss(tmp_path / "base", shared_model_dir, seed=2, initializer_range=0.1, **TINY_SIZE)
+    base = save_random_gpt_oss(tmp_path / "base", gpt_oss_files, seed=2, initializer_range=0.1, **TINY_SIZE)
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
     flags = [f for f in CPU_FLAGS if f != "--no-merge"]
     result = _invoke(["train", *flags, "--model", str(base), "--data", str(data), "--output-root",

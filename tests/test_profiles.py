@@ -234,6 +234,9 @@ def test_built_wheel_ships_the_profiles(tmp_path):
         for name in SHIPPED:
             assert f"swft_lite/profiles/{name}.toml" in names
             assert zf.read(f"swft_lite/profiles/{name}.toml") == (REPO / "profiles" / f"{name}.toml").read_bytes()
+        for name in ("config.json", "chat_template.jinja"):  # gpt-oss-20b's small files (swft_lite.tokenizer)
+            asset = f"swft_lite/assets/gpt-oss-20b/{name}"
+            assert zf.read(asset) == (REPO / asset).read_bytes()
         zf.extractall(tmp_path / "unpacked")
     probe = ("import json, swft_lite.profiles as p; "
              "print(json.dumps([str(p.profiles_dir()), [x.name for x in p.all_profiles()]]))")

@@ -1,4 +1,4 @@
-"""`swft-lite train` end to end on CPU: a tiny random gpt-oss, the shared tokenizer, the hf backend, the real CLI."""
+"""`swft-lite train` end to end on CPU: a tiny random gpt-oss, the gpt-oss tokenizer, the hf backend, the real CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from swft_lite.cli import main
 
-pytestmark = pytest.mark.slow
+# Training renders its data with openai-harmony, which needs the o200k vocabulary.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("o200k_vocab")]
 
 # Four short conversations a tiny model can memorise in a few dozen steps.
 ROWS = [
@@ -48,13 +49,13 @@ def run_cli(args, **kw):
 
 
 @pytest.fixture(scope="module")
-def learnable_model_dir(tmp_path_factory, shared_model_dir):
+def learnable_model_dir(tmp_path_factory, gpt_oss_files):
     """The tiny model with a wider init (0.1): at width 64 the real 0.02 caps every logit near zero, so the loss
     of any adapter is stuck near ln(201088) = 12.2 and "the loss falls" would be a test of nothing."""
     from conftest import TINY_SIZE
     from swft_lite.random_model import save_random_gpt_oss
 
-    return save_random_gpt_oss(tmp_path_factory.mktemp("learnable"), shared_model_dir, seed=1,
+    return save_random_gpt_oss(tmp_path_factory.mktemp("learnable"), gpt_oss_files, seed=1,
                                initializer_range=0.1, **TINY_SIZE)
 
 
