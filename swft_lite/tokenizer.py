@@ -18,6 +18,8 @@ Every copy is checked against the sha256 tiktoken checks. Building takes a few s
 
 from __future__ import annotations
 
+from swft_lite.errors import SwftError
+
 import base64
 import hashlib
 import json
@@ -62,7 +64,7 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
                "chat_template.jinja")
 
 
-class VocabularyNotFound(RuntimeError):
+class VocabularyNotFound(SwftError, RuntimeError):
     """No o200k vocabulary here, in the shared folder or the cache, and none could be downloaded."""
 
 

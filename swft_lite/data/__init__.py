@@ -13,7 +13,7 @@ Sources: JSONL, JSON (a list of rows or {"data": [...]}), Parquet, CSV and folde
                         trained exactly as written
 
 Rendering (chat, prompt_completion, alpaca) follows gpt-oss's own chat template
-(shared/models/gpt-oss-20b/chat_template.jinja) message for message, and the token ids come from openai-harmony's
+(swft_lite/assets/gpt-oss-20b/chat_template.jinja) message for message, and the token ids come from openai-harmony's
 renderer (`render_conversation_for_training`), so they are the ids the HF tokenizer + template produce (tested):
 
   * a system block with the model identity, knowledge cutoff (harmony's default), a FIXED current date
