@@ -3,6 +3,7 @@ and without token-budget batching or packing, side by side in one call on the fu
 
     python scripts/bench_lengths.py data --out .device/bench-data        (here: writes the two data sets)
     python scripts/bench_lengths.py run --data .device/bench-data h100 h100@variable h100:token_budget=8192@variable
+    python scripts/bench_lengths.py losses --model-dir /tmp/gptoss-2l      (the same rows plain and packed: eval loss)
 
 A run spec is PROFILE[:key=value,...][@exact|@variable]. Each run is scripts/bench.py's child (`--one`): a fresh
 process, GPU memory capped at the profile card's headroom limit, swft_lite.train.train - the code `swft-lite train`
@@ -155,6 +156,46 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_losses(args) -> int:
+    """The same rows trained plain (one row a pass) and packed, one epoch each from the same seed, with the same
+    held-out rows evaluated along the way: the eval losses must agree (packing changes the batches, not the task)."""
+    out = Path(args.out or os.environ.get("OUT") or REPO / "benchmarks")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    rows = Path(args.data).read_text().splitlines()
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    train_file, eval_file = work / "data" / "train.jsonl", work / "data" / "val.jsonl"
+    train_file.write_text("\n".join(rows[args.eval_rows:args.eval_rows + args.rows]) + "\n")
+    eval_file.write_text("\n".join(rows[:args.eval_rows]) + "\n")
+    runs = {"plain": [], "packed": ["--set", f"token_budget={args.token_budget}", "--set", "packing=true",
+                                    "--set", "per_device_batch_size=1"]}
+    result = {"model": args.model_dir, "profile": args.profile, "train_rows": args.rows, "eval_rows": args.eval_rows,
+              "token_budget": args.token_budget, "runs": {}}
+    for name, extra in runs.items():
+        cmd = [sys.executable, "-m", "swft_lite.cli", "train", "--profile", args.profile, "--model", args.model_dir,
+               "--data", str(train_file), "--eval-data", str(eval_file), "--backend", "unsloth", "--no-merge",
+               "--set", "num_epochs=1", "--set", f"gradient_accumulation_steps={args.accum}",
+               "--eval-steps", str(args.eval_steps), "--save-steps", "100000", "--output-root", str(work / "runs"),
+               "--run-name", name, "--overwrite", *extra]
+        t0 = time.monotonic()
+        with (work / f"losses-{name}.log").open("w") as fh:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        record_file = work / "runs" / name / "run.json"
+        record = json.loads(record_file.read_text()) if record_file.exists() else {}
+        steps = max([x["step"] for x in record.get("losses", [])] or [1])
+        result["runs"][name] = {"rc": rc, "wall": round(time.monotonic() - t0, 1), "optimizer_steps": steps,
+                                "eval_losses": [{"epoch_fraction": round(e["step"] / steps, 3), **e}
+                                                for e in record.get("eval_losses", [])],
+                                "losses": record.get("losses"), "plan": record.get("plan")}
+        if rc:
+            print((work / f"losses-{name}.log").read_text()[-3000:], flush=True)
+    (out / "loss_agreement.json").write_text(json.dumps(result, indent=2, default=str))
+    for name, r in result["runs"].items():
+        print(f"losses: {name}: rc {r['rc']}, {r['optimizer_steps']} steps, {r['wall']} s, eval "
+              + ", ".join(f"{e['epoch_fraction']:.2f}:{e['eval_loss']:.4f}" for e in r["eval_losses"]), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -171,11 +212,22 @@ def main(argv=None) -> int:
     r.add_argument("--steps", type=int, default=8)
     r.add_argument("--max-accum", type=int, default=2)
     r.add_argument("--time-budget", type=float, default=540)
+    lo = sub.add_parser("losses")
+    lo.add_argument("--data", default=str(REPO / ".device" / "bench-data" / "variable.jsonl"))
+    lo.add_argument("--model-dir", default="/tmp/gptoss-2l")
+    lo.add_argument("--profile", default="h100")
+    lo.add_argument("--rows", type=int, default=160)
+    lo.add_argument("--eval-rows", type=int, default=16)
+    lo.add_argument("--token-budget", type=int, default=8192)
+    lo.add_argument("--accum", type=int, default=4)
+    lo.add_argument("--eval-steps", type=int, default=5)
+    lo.add_argument("--work", default="/tmp/swft-losses")
+    lo.add_argument("--out", default=None)
     p = sub.add_parser("report")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "lengths.json"))
     p.add_argument("--markdown", default=str(REPO / "benchmarks" / "RESULTS_LENGTHS.md"))
     args = ap.parse_args(argv)
-    return {"data": cmd_data, "run": cmd_run, "report": cmd_report}[args.cmd](args)
+    return {"data": cmd_data, "run": cmd_run, "report": cmd_report, "losses": cmd_losses}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -204,17 +204,23 @@ class _StopRequest:
 
 class TokenCounter:
     """Wraps the data collator to count the real (unpadded) tokens of every training batch. Trainers disagree on
-    what they log (TRL logs `num_tokens`, Unsloth's patched trainer does not), so tokens/s is counted here."""
+    what they log (TRL logs `num_tokens`, Unsloth's patched trainer does not), so tokens/s is counted here.
 
-    def __init__(self, collator, is_training):
+    `eval_collator` batches evaluation when it differs: packed rows are kept apart only by the training attention
+    path (Unsloth evaluates gpt-oss through its own attention, which would let packed rows see each other), so a
+    packed run evaluates padded batches."""
+
+    def __init__(self, collator, is_training, eval_collator=None):
         self.collator = collator
+        self.eval_collator = eval_collator or collator
         self.is_training = is_training
         self.tokens = 0
 
     def __call__(self, features):
         if self.is_training():
             self.tokens += sum(len(f["input_ids"]) for f in features)
-        return self.collator(features)
+            return self.collator(features)
+        return self.eval_collator(features)
 
 
 def _callbacks(stop: _StopRequest, run_log: dict, counter: TokenCounter, tb_writer):
@@ -568,8 +574,8 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
     TensorBoard writer."""
     from trl import SFTTrainer
 
-    from swft_lite.batching import (EpochBatchSampler, batching_mode, collator_for, dataset_lengths, plan_batches,
-                                    with_batch_sampler)
+    from swft_lite.batching import (EpochBatchSampler, PaddedCollator, batching_mode, collator_for, dataset_lengths,
+                                    plan_batches, with_batch_sampler)
     from torch.utils.tensorboard import SummaryWriter
     from transformers import EarlyStoppingCallback, PrinterCallback
 
@@ -586,7 +592,8 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
                                   token_budget=profile.token_budget, seed=options.seed)
         trainer.swft_batch_sampler = EpochBatchSampler(batches, options.seed)
         trainer.data_collator = collator_for(mode, tokenizer.pad_token_id, profile.token_budget)
-    counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training)
+    eval_collator = PaddedCollator(tokenizer.pad_token_id) if mode == "packed" else None
+    counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training, eval_collator)
     trainer.data_collator = counter
     trainer.add_callback(_callbacks(stop, run_log, counter, tb_writer))
     if options.early_stopping_patience and args.load_best_model_at_end:

@@ -152,6 +152,37 @@ def test_the_packed_attention_unsloth_runs_keeps_rows_apart(tiny_window_model):
     assert leak > 1e-2, f"a leaking mask went unnoticed (max |dlogit| {leak:.2e})"
 
 
+def test_a_packed_run_evaluates_rows_padded_not_packed(tiny_window_model):
+    """Out of training the attention Unsloth runs knows no rows (here: the same wrapper, in eval mode), so a packed
+    eval batch would let rows see each other and the eval loss would be wrong. The collator train() builds for a
+    packed run packs training batches only; evaluation gets padded ones, which give each row its own logits."""
+    import torch
+
+    from swft_lite.backends import enable_packed_flex_attention, torch_flex_kernel
+    from swft_lite.train import TokenCounter
+
+    model = copy.deepcopy(tiny_window_model)
+    model.config._attn_implementation = "eager"
+    enable_packed_flex_attention(model, torch_flex_kernel())
+    model.eval()
+    rows = random_rows([40, 23, 57], seed=1)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in rows]
+        packed = model(**{k: v for k, v in PackedCollator(pad_to=160)(rows).items() if k != "labels"}).logits[0]
+    assert float((packed[40:63] - alone[1]).abs().max()) > 1e-2  # why: packed in eval mode, the rows leak
+
+    counter = TokenCounter(PackedCollator(pad_to=160), lambda: model.training, PaddedCollator(pad_token_id=0))
+    batch = counter(rows)
+    assert counter.tokens == 0 and batch["input_ids"].shape == (3, 57)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        assert float((logits[i, :n] - alone[i]).abs().max()) <= 1e-4
+    model.train()
+    assert counter(rows)["input_ids"].shape == (1, 160) and counter.tokens == 120
+
+
 def _trainer(model, tokenizer, rows, batches, collator, tmp_path, accumulation):
     import datasets
     from trl import SFTConfig, SFTTrainer
