@@ -477,6 +477,7 @@ def bench_runs(profile: Profile, records: list[dict]) -> list[dict]:
     settings (gradient accumulation aside: bench caps it, see its --max-accum) that ran to the end, oldest first."""
     return [r for r in records
             if r.get("source") == "scripts/bench.py" and r["stack"] == "unsloth" and r.get("status") == "ok"
+            and r.get("data_kind", "exact") == "exact"
             and r["model"] == DEFAULT_SHAPE.to_record() and r["four_bit"] == profile.load_in_4bit
             and r["targets"] == profile.lora_targets and r["rank"] == profile.lora_rank
             and r["batch"] == profile.per_device_batch_size and r.get("max_seq_length") == profile.max_seq_length
