@@ -250,7 +250,8 @@ def train_cmd(profile_ref, set_values, **kwargs):
     try:
         run_dir = train(profile, options, echo=click.echo)
     except KeyboardInterrupt:
-        fail("aborted; the run folder keeps the last saved checkpoint", code=130)
+        # Before the run folder exists (the data step); once it does, train() turns Ctrl-C into TrainInterrupted.
+        fail("interrupted before training started; nothing was trained", code=130)
     if run_dir is not None:
         click.secho(f"done: {run_dir}", fg="green")
 

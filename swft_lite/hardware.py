@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from swft_lite.profiles import FIT_FRACTION, by_generation, card_fits, largest_fitting
+from swft_lite.profiles import FIT_FRACTION, by_generation, card_fits, estimate_on_card, largest_fitting, why_none_fits
 
 GIB = 1024**3
 MIB = 1024**2
@@ -534,24 +534,31 @@ def fits(gpu: GpuInfo, profile) -> bool:
 def recommend_profile(gpus: list[GpuInfo], profiles: list) -> tuple[Any | None, str]:
     """(the profile to train with on the first visible GPU, or None; a sentence saying why).
 
-    The largest profile whose VRAM budget fits the card (total >= budget * FIT_FRACTION); profiles of the same
-    budget are told apart by GPU generation. Plain on purpose: a later estimate module can refine it.
+    The largest profile that fits the card by the one rule of swft_lite.profiles (its budget class, total >= budget *
+    FIT_FRACTION, and `swft-lite estimate`'s memory figure within the card's limit); profiles of the same budget are
+    told apart by GPU generation.
     """
     if not gpus:
         return None, ("No profile recommended: no NVIDIA GPU is visible here. Training needs one "
                       "(16 GB or more); run `swft-lite detect` on the machine that has it.")
     gpu = gpus[0]
     smallest = min(profiles, key=lambda p: p.vram_budget_gib) if profiles else None
-    same = largest_fitting(profiles, gpu.total_gib)
+    same = largest_fitting(profiles, gpu.total_gib, gpu.compute_capability)
     if not same:
         reason = f"No profile fits: {gpu.name} has {gpu.total_gib:.2f} GiB, and {MIN_GIB_STATEMENT}."
         if smallest is not None:
-            reason += (f" The smallest profile, {smallest.name}, needs a {smallest.vram_budget_gib:g} GiB card "
-                       f"({smallest.description.split(':')[0]}).")
+            if card_fits(smallest.vram_budget_gib, gpu.total_gib):  # in the class, but the estimate says no
+                why = why_none_fits(profiles, gpu.total_gib, gpu.compute_capability)
+                reason += " " + why[0].upper() + why[1:] + "."
+            else:
+                reason += (f" The smallest profile, {smallest.name}, needs a {smallest.vram_budget_gib:g} GiB card "
+                           f"({smallest.description.split(':')[0]}).")
         return None, reason
     choice = by_generation(same, gpu.compute_capability)
+    e = estimate_on_card(choice, gpu.total_gib, gpu.compute_capability)
     reason = (f"{gpu.name} has {gpu.total_gib:.2f} GiB; {choice.name} is the largest profile whose "
-              f"{choice.vram_budget_gib:g} GiB budget fits.")
+              f"{choice.vram_budget_gib:g} GiB budget fits (`swft-lite estimate`: {e.reserved_gib:.1f} GiB reserved "
+              f"of this card's {e.limit_gib:g} GiB limit).")
     others = [p.name for p in same if p is not choice]
     if others:
         cc = gpu.compute_capability_str or "unknown"
