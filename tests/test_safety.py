@@ -1,0 +1,225 @@
+"""Issue 13: nothing lost, nothing wrong, nothing raw. Crashes and resume, one fit rule, an `Error:` line for every
+mistake a user can fix. Real runs of a tiny random gpt-oss on CPU (`--backend hf`), real files, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train import CPU_FLAGS, ROWS, run_cli, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error:")]
+
+
+# --- detect and estimate: one rule ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,total,cc", [("Tesla T4", 14.74, (7, 5)), ("Tesla V100-SXM2-16GB", 15.77, (7, 0))])
+def test_fp16_only_16gb_cards_get_no_profile_with_the_estimate_numbers(name, total, cc):
+    from swft_lite.hardware import GpuInfo, recommend_profile
+    from swft_lite.profiles import all_profiles
+
+    profile, reason = recommend_profile([GpuInfo(0, name, total, compute_capability=cc)], all_profiles())
+    assert profile is None, reason  # issue 13: detect said rtx4070 while estimate said it does not fit
+    assert "18.99 GiB reserved" in reason and "no bf16" in reason and "Train on a card with bf16" in reason
+
+
+@pytest.mark.parametrize("total,cc", [(11.72, (8, 9)), (14.74, (7, 5)), (15.59, (8, 9)), (15.77, (7, 0)),
+                                      (22.17, (8, 9)), (22.18, (8, 6)), (23.65, (8, 9)), (23.99, (8, 6)),
+                                      (31.74, (7, 0)), (39.39, (8, 0)), (79.15, (8, 0)), (139.8, (9, 0))])
+def test_detect_recommends_only_what_estimate_says_fits(total, cc):
+    from swft_lite.estimate import estimate
+    from swft_lite.hardware import GpuInfo, recommend_profile
+    from swft_lite.profiles import all_profiles
+
+    profile, reason = recommend_profile([GpuInfo(0, "card", total, compute_capability=cc)], all_profiles())
+    if profile is not None:
+        assert estimate(profile, card_gib=total, capability=cc).fits, reason
+
+
+# --- runs that crash, fill the disk, get Ctrl-C ----------------------------------------------------------------------
+
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, tiny_model_dir):
+    """A 4-step run saving at steps 2 and 4 (read-only: tests copy it)."""
+    root = tmp_path_factory.mktemp("safety-runs")
+    data = write_jsonl(root / "train.jsonl", ROWS)
+    result = run_cli(["train", *CPU_FLAGS, "--model", tiny_model_dir, "--data", data, "--output-root", root,
+                      "--run-name", "base", "--max-steps", 4, "--save-steps", 2])
+    assert result.exit_code == 0, result.output
+    return root, data, root / "base"
+
+
+def copy_run(four_steps, tmp_path) -> tuple[Path, Path]:
+    root, data, run = four_steps
+    shutil.copytree(run, tmp_path / "runs" / "base")
+    return tmp_path / "runs", data
+
+
+def resume(tiny_model_dir, root, data, steps, *extra):
+    return run_cli(["train", *CPU_FLAGS, "--model", tiny_model_dir, "--data", data, "--output-root", root,
+                    "--run-name", "base", "--max-steps", steps, "--save-steps", 2, "--resume", *extra])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("o200k_vocab")
+def test_a_finished_run_says_completed_and_its_checkpoints_are_marked_complete(four_steps):
+    from swft_lite.checkpoints import MARKER, is_complete
+
+    run = four_steps[2]
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    for n in (2, 4):
+        assert (run / "checkpoints" / f"checkpoint-{n}" / MARKER).exists()
+        assert is_complete(run / "checkpoints" / f"checkpoint-{n}")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("o200k_vocab")
+@pytest.mark.parametrize("damage", ["no_trainer_state", "truncated_adapter"])
+def test_resume_skips_a_half_written_checkpoint_and_keeps_it_renamed(four_steps, tmp_path, tiny_model_dir, damage):
+    root, data = copy_run(four_steps, tmp_path)
+    ckpt = root / "base" / "checkpoints" / "checkpoint-4"
+    if damage == "no_trainer_state":  # a kill before the Trainer wrote its last file
+        (ckpt / "trainer_state.json").unlink()
+    else:  # a full disk cut the adapter file short
+        f = ckpt / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+    result = resume(tiny_model_dir, root, data, 6)
+    assert result.exit_code == 0, result.output  # issue 13: FileNotFoundError: ...checkpoint-4/trainer_state.json
+    assert "checkpoint-4 is incomplete" in result.output and "kept as incomplete-checkpoint-4" in result.output
+    assert "continuing from" in result.output and "checkpoint-2 (the newest complete checkpoint)" in result.output
+    assert (root / "base" / "checkpoints" / "incomplete-checkpoint-4").is_dir()  # kept, never deleted
+    record = json.loads((root / "base" / "run.json").read_text())
+    assert record["status"] == "completed" and record["global_step"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("o200k_vocab")
+def test_resume_accepts_the_same_data_by_another_path(four_steps, tmp_path, tiny_model_dir):
+    root, data = copy_run(four_steps, tmp_path)
+    moved = tmp_path / "elsewhere" / "same.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    result = resume(tiny_model_dir, root, moved, 6)
+    assert result.exit_code == 0, result.output  # issue 13: data./abs/train.jsonl: '(absent)' -> 'd817...'
+    changed = write_jsonl(tmp_path / "changed.jsonl", ROWS[:3])
+    result = resume(tiny_model_dir, root, changed, 8)
+    assert result.exit_code == 1 and "data.sha256" in result.output  # other content is still refused
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("o200k_vocab")
+def test_kill_9_then_resume_keeps_the_whole_loss_history(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    root = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "swft_lite.cli", "train", *map(str, CPU_FLAGS), "--model", str(tiny_model_dir),
+           "--data", str(data), "--output-root", str(root), "--run-name", "killed", "--max-steps", "500",
+           "--save-steps", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    marker = root / "killed" / "checkpoints" / "checkpoint-3" / "swft_complete.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    record = json.loads((root / "killed" / "run.json").read_text())
+    assert record["status"] == "running" and not record.get("losses")  # what a kill leaves: no history in run.json
+    from swft_lite.checkpoints import complete_checkpoints
+
+    last = complete_checkpoints(root / "killed" / "checkpoints")[-1]
+    step = int(last.name.split("-")[1])
+    result = run_cli(["train", *CPU_FLAGS, "--model", tiny_model_dir, "--data", data, "--output-root", root,
+                      "--run-name", "killed", "--max-steps", step + 2, "--save-steps", 3, "--resume"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((root / "killed" / "run.json").read_text())
+    # issue 13: only the resumed steps were kept
+    assert [e["step"] for e in record["losses"]] == list(range(1, step + 3))
+    assert record["status"] == "completed"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("o200k_vocab")
+def test_full_disk_while_saving_is_one_error_line_and_resume_recovers(four_steps, tmp_path, tiny_model_dir):
+    root, data = copy_run(four_steps, tmp_path)
+    # A real ENOSPC from the kernel: a file the run writes into adapter/ after training is /dev/full, where every
+    # write fails with errno 28. (safetensors writes a new file and renames it over a link, so it is the tokenizer's.)
+    adapter_file = root / "base" / "adapter" / "tokenizer_config.json"
+    adapter_file.unlink()
+    adapter_file.symlink_to("/dev/full")
+    result = resume(tiny_model_dir, root, data, 6)
+    assert result.exit_code == 1
+    errors = error_lines(result.output)
+    assert len(errors) == 1 and "no space left on the device while writing" in errors[0], result.output
+    assert "--resume --run-name base" in errors[0] and "Traceback" not in result.output
+    record = json.loads((root / "base" / "run.json").read_text())
+    assert record["status"] == "failed" and "28" in record["reason"]  # issue 13: stayed "running"
+    assert [e["step"] for e in record["losses"]] == list(range(1, 7))
+
+    adapter_file.unlink()  # space freed
+    result = resume(tiny_model_dir, root, data, 6)
+    assert result.exit_code == 0, result.output
+    assert "checkpoint-6 (the newest complete" in result.output
+    assert json.loads((root / "base" / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("o200k_vocab")
+def test_no_hub_access_is_one_error_line_and_leaves_no_run_folder(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    root = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for _ in range(2):  # issue 13: one more `running` folder per try
+        proc = subprocess.run([sys.executable, "-m", "swft_lite.cli", "train", *map(str, CPU_FLAGS), "--model",
+                               "someone/not-downloaded", "--data", str(data), "--output-root", str(root)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, out
+        errors = error_lines(out)
+        assert len(errors) == 1 and "someone/not-downloaded" in errors[0] and "hf download" in errors[0], out
+        assert "Traceback" not in out
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_double_ctrl_c_without_a_checkpoint_does_not_claim_one(tmp_path):
+    from swft_lite.checkpoints import RunGuard, TrainInterrupted
+    from swft_lite.run_folder import RunFolder, RunRecord
+
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    record = RunRecord(status="running")
+    with pytest.raises(TrainInterrupted, match="no checkpoint was saved") as caught:
+        with RunGuard(run, record, "m", resumed=False, now=lambda: "t") as guard:
+            guard.training_started()
+            raise KeyboardInterrupt
+    assert caught.value.exit_code == 130
+    assert run.read_record()["status"] == "interrupted"
+
+
+def test_a_failure_after_training_started_leaves_status_failed_with_the_reason(tmp_path):
+    from swft_lite.checkpoints import RunGuard
+    from swft_lite.run_folder import RunFolder, RunRecord
+
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    with pytest.raises(ValueError):  # a bug keeps its traceback; the record still ends
+        with RunGuard(run, RunRecord(status="running"), "m", resumed=False, now=lambda: "t") as guard:
+            guard.training_started()
+            raise ValueError("boom")
+    record = run.read_record()
+    assert record["status"] == "failed" and record["reason"] == "ValueError: boom"
