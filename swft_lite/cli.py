@@ -428,8 +428,10 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
 @click.option("--device", default="cpu", show_default=True, help="Where the verification runs (cpu, cuda, cuda:1).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Verification dtype; auto = float32 on CPU, bfloat16 on a GPU.")
+@click.option("--force-base", is_flag=True, help="Merge even when --base is not the model the adapter was trained "
+              "on (its fingerprint in adapter/swft_base.json differs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
-def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, dtype, as_json):
+def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, dtype, force_base, as_json):
     """Fold the LoRA adapter into the base weights: bf16 safetensors shards, config, tokenizer, chat template.
 
     \b
@@ -446,7 +448,7 @@ def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, d
 
     report = merge_adapter(source, base=base, out=out, overwrite=overwrite, verify=not no_verify,
                            max_shard_size=max_shard_size, device=device,
-                           dtype=None if dtype == "auto" else dtype, log=click.echo)
+                           dtype=None if dtype == "auto" else dtype, log=click.echo, force_base=force_base)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
 

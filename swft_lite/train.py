@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from swft_lite import __version__
+from swft_lite.base_identity import write_record as _write_base_identity
 from swft_lite.checkpoints import (RunGuard, TrainInterrupted, checkpoint_for_resume, completion_marker_callback,
                                    history_until)
 from swft_lite.data.options import DataOptions, same_as
@@ -677,10 +678,19 @@ def save_adapter(run: RunFolder, record: RunRecord, trainer, tokenizer, echo) ->
     adapter_dir = run.adapter
     trainer.model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
+    write_base_record(adapter_dir, record.model)  # what `swft-lite merge --base` is compared with
     record["adapter_dir"] = str(adapter_dir)
     echo(f"adapter: saved to {adapter_dir}")
     run.write_record(record)
     return adapter_dir
+
+
+def write_base_record(adapter_dir: Path, model: str) -> None:
+    """adapter/swft_base.json: the base's name and content fingerprint (the model was just loaded, so a hub id is in
+    the local cache)."""
+    from swft_lite.merge import _local_model_dir
+
+    _write_base_identity(adapter_dir, model, _local_model_dir(model))
 
 
 def merge_run(run: RunFolder, record: RunRecord, adapter_dir: Path, model_path: str, echo) -> None:

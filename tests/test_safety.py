@@ -223,3 +223,62 @@ def test_a_failure_after_training_started_leaves_status_failed_with_the_reason(t
             raise ValueError("boom")
     record = run.read_record()
     assert record["status"] == "failed" and record["reason"] == "ValueError: boom"
+
+
+# --- merge: the base the adapter was trained on, and a damaged adapter -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory, gpt_oss_files):
+    """Another tiny gpt-oss of the same shape (other random weights): the wrong base."""
+    from conftest import TINY_SIZE
+    from swft_lite.random_model import save_random_gpt_oss
+
+    return save_random_gpt_oss(tmp_path_factory.mktemp("other-gpt-oss"), gpt_oss_files, seed=7, **TINY_SIZE)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("o200k_vocab")
+def test_merge_refuses_a_base_the_adapter_was_not_trained_on(four_steps, tmp_path, tiny_model_dir, other_model_dir):
+    adapter = tmp_path / "my-adapter"  # outside its run folder: no run.json to catch it
+    shutil.copytree(four_steps[2] / "adapter", adapter)
+    record = json.loads((adapter / "swft_base.json").read_text())
+    assert record["base_model"] == str(tiny_model_dir) and record["fingerprint"]["tensors"]
+    result = run_cli(["merge", adapter, "--base", other_model_dir, "--no-verify", "--out", tmp_path / "m1"])
+    assert result.exit_code == 1  # issue 13: merged and PASSED
+    errors = error_lines(result.output)
+    assert len(errors) == 1 and "is not the model the adapter" in errors[0] and "--force-base" in errors[0]
+    assert "tensor model.embed_tokens.weight" in errors[0] and not (tmp_path / "m1").exists()
+
+    result = run_cli(["merge", adapter, "--base", other_model_dir, "--no-verify", "--out", tmp_path / "m2",
+                      "--force-base"])
+    assert result.exit_code == 0 and "warning: --force-base" in result.output
+    # the right base by another path (a copy) is accepted: the check is by content, not by name
+    copy = tmp_path / "copy-of-base"
+    shutil.copytree(tiny_model_dir, copy)
+    result = run_cli(["merge", adapter, "--base", copy, "--no-verify", "--out", tmp_path / "m3"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("o200k_vocab")
+def test_merge_of_a_plain_peft_adapter_compares_with_the_base_it_names(tmp_path, tiny_model_dir, other_model_dir):
+    from test_merge import make_adapter
+
+    adapter = tmp_path / "peft-adapter"  # no swft_base.json: base_model_name_or_path names tiny_model_dir
+    make_adapter(tiny_model_dir, adapter)
+    result = run_cli(["merge", adapter, "--base", other_model_dir, "--no-verify", "--out", tmp_path / "m"])
+    assert result.exit_code == 1 and "is not the model the adapter" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("o200k_vocab")
+def test_truncated_adapter_file_is_one_error_line_naming_it(four_steps, tmp_path, tiny_model_dir):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(four_steps[2] / "adapter", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    result = run_cli(["merge", adapter, "--base", tiny_model_dir, "--no-verify", "--out", tmp_path / "m"])
+    assert result.exit_code == 1
+    errors = error_lines(result.output)
+    assert len(errors) == 1 and str(weights) in errors[0] and "truncated or damaged" in errors[0], result.output
