@@ -307,8 +307,9 @@ def data_group():
 
 @data_group.command("check")
 @click.argument("path", metavar="FILE")
-@click.option("--profile", "profile_ref", default="rtx4090", show_default=True,
-              help="Profile whose max_seq_length rows are measured against.")
+@click.option("--profile", "profile_ref", default=None,
+              help="Profile whose max_seq_length rows are measured against (default: the one `train` would use "
+                   "here, the profile `detect` recommends; rtx4090 where no GPU is visible).")
 @click.option("--max-seq-length", type=int, default=None, help="Override the profile's max_seq_length.")
 @field_option(DataOptions, "mask")
 @field_option(DataOptions, "overlong", help="What training does with rows longer than max_seq_length.")
@@ -326,12 +327,20 @@ def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning
     """
     from swft_lite import data as data_mod
 
+    source = "profile {}"
+    if profile_ref is None:  # what `train` without --profile would use: the same max_seq_length
+        from swft_lite import hardware
+
+        profile_ref, _ = hardware.recommended_profile_name()
+        source = "profile {} (recommended for this machine, as `train` would use)"
+        if profile_ref is None:
+            profile_ref, source = "rtx4090", "profile {} (no GPU visible to pick one; pass --profile)"
     profile = resolve_profile(profile_ref, (), {"max_seq_length": max_seq_length})
     options = data_mod.DataOptions(max_seq_length=profile.max_seq_length, mask=mask, overlong=overlong, format=fmt,
                                    reasoning_effort=reasoning_effort)
     with usage_stage():  # FILE can't be read at all: exit 2 (bad rows are reported and exit 1 below)
         result = data_mod.check_file(path, options, show=max(0, show), length_source=(
-            f"profile {profile.name}" if max_seq_length is None else "--max-seq-length"))
+            source.format(profile.name) if max_seq_length is None else "--max-seq-length"))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

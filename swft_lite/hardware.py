@@ -437,8 +437,10 @@ KNOWN_GOOD: dict[str, KnownGood] = {k.dist: k for k in (
     KnownGood("trl", ">=1.14,<1.15", "swft-lite pins trl 1.14.x: trl 1.15.0's SFTTrainer cannot train on CPU, "
               "and Unsloth 2026.10.9 needs trl <= 1.15.0"),
     KnownGood("datasets", ">=3.0,<5", "Unsloth 2026.10.9 needs datasets < 5"),
+    # Every shipped profile loads the base in 4 bits (load_in_4bit = true), on either backend: bitsandbytes is
+    # needed for any of them, not only under Unsloth.
     KnownGood("bitsandbytes", ">=0.45", "4-bit loading needs bitsandbytes >= 0.45", "unsloth",
-              "the unsloth backend"),
+              "4-bit loading, which every shipped profile uses (either backend)"),
     KnownGood("unsloth", "==2026.10.9", "swft-lite is tested with unsloth 2026.10.9", "unsloth",
               "the unsloth backend"),
     KnownGood("unsloth_zoo", "==2026.10.9", "unsloth_zoo must match unsloth 2026.10.9", "unsloth",

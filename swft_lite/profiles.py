@@ -186,8 +186,10 @@ def _resolve_ref(ref: str, relative_to: Path | None = None) -> Path:
     return p
 
 
-def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, str]]:
-    """Keys of a profile and everything it inherits, each with the file that set it."""
+def _load_layers(path: Path, seen: tuple[Path, ...] = (), problems: list[str] | None = None
+                 ) -> dict[str, tuple[Any, str]]:
+    """Keys of a profile and everything it inherits, each with the file that set it. Unknown keys go to `problems`
+    (when given) so a file's mistakes are reported together."""
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
@@ -198,14 +200,31 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any
     if parent is not None:
         if not isinstance(parent, str):
             raise ProfileError(f"{path}: key 'inherit' must be a string (a profile name or path), got {parent!r}")
-        merged.update(_load_layers(_resolve_ref(parent, path.parent), (*seen, path)))
+        try:
+            parent_path = _resolve_ref(parent, path.parent)
+            if not parent_path.exists():
+                raise ProfileError(f"{parent_path}: no such profile file")
+        except ProfileError as exc:  # name the file that asked for it
+            raise ProfileError(f"{path}: key 'inherit' = {parent!r}: {exc}") from None
+        merged.update(_load_layers(parent_path, (*seen, path), problems))
         merged.pop("name", None)  # a derived profile is not its parent: named by its own `name` or file name
     for key, value in raw.items():
         if key not in PROFILE_FIELDS:
-            raise ProfileError(f"{path}: unknown key '{key}'{_did_you_mean(key)}; "
-                               f"known keys: {', '.join(PROFILE_FIELDS)}")
+            msg = f"{path}: unknown key '{key}'{_did_you_mean(key)}; known keys: {', '.join(PROFILE_FIELDS)}"
+            if problems is None:
+                raise ProfileError(msg)
+            problems.append(msg)
+            continue
         merged[key] = (value, str(path))
     return merged
+
+
+def _raise_all(problems: list[str]) -> None:
+    """Every mistake found in a profile, in one error (a person fixes them in one go, not one per run)."""
+    if len(problems) == 1:
+        raise ProfileError(problems[0])
+    if problems:
+        raise ProfileError(f"{len(problems)} problems: " + "; ".join(problems))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -243,14 +262,17 @@ def coerce_cli_value(key: str, raw: str) -> Any:
 def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
     """Resolve a profile name or file, its inheritance chain and command-line overrides into a checked Profile."""
     path = _resolve_ref(ref)
-    layers = _load_layers(path)
+    problems: list[str] = []
+    layers = _load_layers(path, problems=problems)
     values: dict[str, Any] = {}
-    for key, (value, where) in layers.items():
-        values[key] = _check_value(key, value, where)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        values[key] = _check_value(key, value, "command line")
+    checks = [(key, value, where) for key, (value, where) in layers.items()]
+    checks += [(key, value, "command line") for key, value in (overrides or {}).items() if value is not None]
+    for key, value, where in checks:
+        try:
+            values[key] = _check_value(key, value, where)
+        except ProfileError as exc:
+            problems.append(str(exc))
+    _raise_all(problems)
     if "name" not in values:
         values["name"] = path.stem
     profile = Profile(**values)

@@ -515,6 +515,10 @@ def prepare_data(profile: Profile, options: TrainOptions, echo):
     overlong = data_mod.format_overlong(rep, profile.max_seq_length)
     if overlong:
         echo(overlong + f" (--overlong {options.overlong})")
+    for display, info in rep.get("files", {}).items():
+        warning = data_mod.format_dropped_thinking(display, info.get("dropped_thinking"))
+        if warning:
+            echo(warning)
     return prepared
 
 
