@@ -434,7 +434,9 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only after the new merge verified).")
 @click.option("--no-verify", is_flag=True, help="Skip the check against base + adapter (not recommended).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output safetensors file.")
-@click.option("--device", default="cpu", show_default=True, help="Where the verification runs (cpu, cuda, cuda:1).")
+@click.option("--device", default="auto", show_default=True, help="Where the verification runs (cpu, cuda, cuda:1). "
+              "auto: the GPU in bf16 when the model fits its free memory, else the CPU in fp32, else in bf16; "
+              "refused, with the numbers, when free RAM fits none.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Verification dtype; auto = float32 on CPU, bfloat16 on a GPU.")
 @click.option("--force-base", is_flag=True, help="Merge even when --base is not the model the adapter was trained "

@@ -292,6 +292,65 @@ def check_free_disk(folder: Path, need_bytes: int) -> dict:
     return {"need_gb": need_bytes / 1e9, "free_gb": free / 1e9}
 
 
+# --- where the verification runs ----------------------------------------------------------------------------------
+# The check loads one whole model at a time (base + adapter, merged in place for the control, then the merged folder)
+# in the verification dtype, plus the probe logits: peak ~ model bytes in that dtype x VERIFY_MEMORY_FACTOR. For
+# gpt-oss-20b (41.8 GB in bf16) that is ~100 GB of RAM in fp32 on the CPU, ~50 GB in bf16: more than many machines
+# have, so it is checked before the ~42 GB merge is written, not found out by the OOM killer after.
+VERIFY_MEMORY_FACTOR = 1.2
+
+
+def plan_verification(bf16_bytes: int, *, ram_free: float | None, vram_free: float | None, device: str = "auto",
+                      dtype: str | None = None) -> tuple[str, str, str]:
+    """(device, dtype, a sentence saying why) for the merge check of a model of `bf16_bytes`, given the free RAM and
+    free GPU memory in bytes (None: unknown / no GPU). `device` auto tries the GPU in bf16, then the CPU in fp32
+    (the exact check), then the CPU in bf16; an explicit device or dtype is kept and only checked. MergeError with
+    the numbers when nothing fits."""
+    gb = lambda b: b / 1e9  # noqa: E731
+    need = {"float32": 2 * bf16_bytes * VERIFY_MEMORY_FACTOR, "bfloat16": bf16_bytes * VERIFY_MEMORY_FACTOR,
+            "float16": bf16_bytes * VERIFY_MEMORY_FACTOR}
+    if device == "auto":
+        options = ([("cuda", "bfloat16")] if vram_free is not None else []) + [("cpu", "float32"), ("cpu", "bfloat16")]
+    else:
+        dev = "cuda" if device.startswith("cuda") else "cpu"
+        default = "float32" if dev == "cpu" else "bfloat16"
+        options = [(device, default)] + ([(device, "bfloat16")] if dev == "cpu" else [])
+    if dtype is not None:
+        options = [(d, dtype) for d, _ in options]
+        options = list(dict.fromkeys(options))
+    tried = []
+    for dev, dt in options:
+        free = vram_free if dev.startswith("cuda") else ram_free
+        where = "GPU memory" if dev.startswith("cuda") else "RAM"
+        if free is None and dev.startswith("cuda"):
+            tried.append(f"{dev}: no GPU visible")
+            continue
+        if free is None or free >= need[dt]:
+            said = "unknown" if free is None else f"{gb(free):.1f} GB"
+            note = "" if dt == "float32" else " (bf16: the looser bf16 thresholds apply)"
+            return dev, dt, (f"verification on {dev} in {dt}: needs ~{gb(need[dt]):.1f} GB of {where}, "
+                             f"{said} free{note}")
+        tried.append(f"{dev} in {dt} needs ~{gb(need[dt]):.1f} GB of {where}, {gb(free):.1f} GB free")
+    raise MergeError(f"not enough memory to verify the merge ({gb(bf16_bytes):.1f} GB in bf16): " + "; ".join(tried) +
+                     ". Close other programs, verify on a GPU with --device cuda, or merge with --no-verify (not "
+                     "recommended: nothing then checks the merged model)")
+
+
+def _free_memory(device: str) -> tuple[float | None, float | None]:
+    """(free RAM, free GPU memory) in bytes, measured now; GPU None when there is none (or --device cpu)."""
+    from swft_lite.hardware import system_memory
+
+    _, avail_gib = system_memory()
+    ram = None if avail_gib is None else avail_gib * 2**30
+    vram = None
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            vram = float(torch.cuda.mem_get_info()[0])
+    return ram, vram
+
+
 # --- MXFP4 -------------------------------------------------------------------------------------------------------
 
 
@@ -629,7 +688,7 @@ def _fail_dir(work_dir: Path, out_dir: Path) -> Path:
 
 def merge_adapter(source: str | Path, *, base: str | Path | None = None, out: str | Path | None = None,
                   overwrite: bool = False, verify: bool = True, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-                  device: str = "cpu", dtype=None, thresholds: dict | None = None,
+                  device: str = "auto", dtype=None, thresholds: dict | None = None,
                   delta_hook: Callable | None = None, log: Callable[[str], None] = print,
                   out_dir: str | Path | None = None, echo: Callable[[str], None] | None = None,
                   force_base: bool = False) -> dict:
@@ -640,7 +699,8 @@ def merge_adapter(source: str | Path, *, base: str | Path | None = None, out: st
     seconds, verification (see `verify_merge`, or None with verify=False).
     Raises MergeError (VerificationError when the check fails; its `.report` holds the figures).
 
-    `device`/`dtype` are for the verification forward passes (default: fp32 on CPU, bf16 on CUDA).
+    `device`/`dtype` are for the verification forward passes: auto picks what fits (`plan_verification`: the GPU
+    in bf16, else fp32 on the CPU, else bf16 on the CPU) and says so; MergeError when nothing fits.
     `delta_hook(name, delta) -> delta` is for tests only: it lets a test plant a fault in a delta.
     `out_dir` and `echo` are accepted as other names for `out` and `log`.
     `force_base` merges into a --base that is not the model the adapter was trained on (see `check_base`).
@@ -666,6 +726,13 @@ def merge_adapter(source: str | Path, *, base: str | Path | None = None, out: st
     disk = check_free_disk(out_dir.parent, int(need * 1.05) + 256 * 2**20)
     log(f"Merging {inputs.adapter_dir}\n   into {inputs.base_ref} ({inputs.base_dir})\n   -> {out_dir}  "
         f"(~{need / 1e9:.2f} GB bf16, {disk['free_gb']:.1f} GB free)")
+    if verify:  # refused now, before the merge is written, when the check cannot fit in memory
+        ram, vram = _free_memory(device)
+        device, dtype_name, why = plan_verification(need, ram_free=ram, vram_free=vram, device=device,
+                                                    dtype=dtype if isinstance(dtype, str) or dtype is None
+                                                    else str(dtype).replace("torch.", ""))
+        dtype = dtype_name
+        log(f"  {why}")
 
     deltas = AdapterDeltas(inputs.adapter_dir, inputs.base_dir)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

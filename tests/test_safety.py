@@ -424,3 +424,38 @@ def test_detect_says_every_4bit_profile_needs_bitsandbytes():
 
     note = package_verdict("bitsandbytes", None).note
     assert "every shipped profile" in note and "only for the unsloth backend" not in note
+
+
+# --- merge: memory for the verification, decided before the merge is written --------------------------------------
+
+GPT_OSS_BF16 = 41_800_000_000  # estimate_output_bytes of gpt-oss-20b: ~41.8 GB in bf16
+GB = 1e9
+
+
+@pytest.mark.parametrize("ram,vram,device,dtype,expected", [
+    (128 * GB, None, "auto", None, ("cpu", "float32")),       # the exact check fits in RAM
+    (64 * GB, None, "auto", None, ("cpu", "bfloat16")),       # fp32 (~100 GB) does not: bf16 (~50 GB) does
+    (16 * GB, 80 * GB, "auto", None, ("cuda", "bfloat16")),   # an 80 GB GPU takes it
+    (128 * GB, 24 * GB, "auto", None, ("cpu", "float32")),    # a 24 GB GPU does not
+    (64 * GB, None, "cpu", None, ("cpu", "bfloat16")),        # --device cpu: fp32 if it fits, else bf16
+])
+def test_verification_device_and_precision_fit_the_free_memory(ram, vram, device, dtype, expected):
+    from swft_lite.merge import plan_verification
+
+    dev, dt, why = plan_verification(GPT_OSS_BF16, ram_free=ram, vram_free=vram, device=device, dtype=dtype)
+    assert (dev, dt) == expected
+    assert f"verification on {dev} in {dt}" in why and "GB free" in why
+
+
+@pytest.mark.parametrize("ram,vram,device,dtype", [(32 * GB, None, "auto", None), (64 * GB, None, "cpu", "float32"),
+                                                   (128 * GB, 24 * GB, "cuda", None)])
+def test_verification_that_fits_nowhere_is_refused_with_the_numbers(ram, vram, device, dtype):
+    from swft_lite.errors import MergeError
+    from swft_lite.merge import plan_verification
+
+    with pytest.raises(MergeError) as caught:
+        plan_verification(GPT_OSS_BF16, ram_free=ram, vram_free=vram, device=device, dtype=dtype)
+    msg = str(caught.value)  # issue 13: fp32 on the CPU by default, ~84 GB of RAM, nothing checked first
+    assert msg.startswith("not enough memory to verify the merge (41.8 GB in bf16)")
+    assert f"{ram / GB:.1f} GB free" in msg or f"{vram / GB:.1f} GB free" in msg
+    assert "--no-verify" in msg
