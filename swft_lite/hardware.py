@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from swft_lite.licences import scan_unsloth
 from swft_lite.profiles import FIT_FRACTION, by_generation, card_fits, estimate_on_card, largest_fitting, why_none_fits
 
 GIB = 1024**3
@@ -515,6 +516,7 @@ class DetectReport:
     disk: DiskInfo
     packages: list[PackageVerdict]
     cuda_visible_devices: str | None
+    licences: list = field(default_factory=list)  # swft_lite.licences.PackageLicences of unsloth, unsloth_zoo
 
 
 def gather(output_dir: str | Path = "output", env: dict[str, str] | None = None) -> DetectReport:
@@ -523,7 +525,7 @@ def gather(output_dir: str | Path = "output", env: dict[str, str] | None = None)
     ram, avail = system_memory()
     return DetectReport(gpu=probe, ram_gib=ram, ram_available_gib=avail, disk=disk_info(output_dir),
                         packages=check_packages(gpu_visible=bool(probe.gpus)),
-                        cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"))
+                        cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"), licences=scan_unsloth())
 
 
 # --- recommendation ------------------------------------------------------------------------------------------------
@@ -630,6 +632,7 @@ def to_json(report: DetectReport, profile, reason: str, tailored: dict | None = 
         "ram_available_gib": None if report.ram_available_gib is None else round(report.ram_available_gib, 2),
         "disk": report.disk.to_dict(),
         "packages": {p.name: p.to_dict() for p in report.packages},
+        "licences": {p.package: p.to_dict() for p in report.licences},
         "recommended_profile": None if profile is None else profile.name,
         "reason": reason,
         "tailored": tailored,
@@ -645,6 +648,15 @@ def no_gpu_sentence(probe: GpuProbe) -> str:
 
 def _mark(ok: bool | None) -> str:
     return {True: "✓", False: "✗", None: "–"}[ok]
+
+
+def format_licences(licences: list) -> list[str]:
+    lines = [f"  {p.summary()}" for p in licences]
+    if any(p.by_licence.get("AGPL-3.0") for p in licences):
+        lines.append("  AGPL-3.0 code runs when training with the unsloth backend: whoever redistributes it, or "
+                     "serves a product built on it over a network, must meet AGPL-3.0's terms (README: Licences). "
+                     "The hf backend runs none of it.")
+    return lines
 
 
 def format_report(report: DetectReport, profile, reason: str, tailored: dict | None = None) -> str:
@@ -697,6 +709,9 @@ def format_report(report: DetectReport, profile, reason: str, tailored: dict | N
         line = f"  {_mark(p.ok)} {p.name.ljust(width)}  {(p.installed or 'not installed').ljust(vwidth)}  " \
                f"{p.required.ljust(rwidth)}  {note}"
         out.append(line.rstrip())
+
+    out += ["", "Licences (headers of the installed Unsloth files the unsloth backend runs)"]
+    out += format_licences(report.licences)
 
     out += ["", "Recommendation"]
     if profile is not None:

@@ -459,3 +459,79 @@ def test_verification_that_fits_nowhere_is_refused_with_the_numbers(ram, vram, d
     assert msg.startswith("not enough memory to verify the merge (41.8 GB in bf16)")
     assert f"{ram / GB:.1f} GB free" in msg or f"{vram / GB:.1f} GB free" in msg
     assert "--no-verify" in msg
+
+
+# --- licences: what the installed Unsloth files say at their top --------------------------------------------------
+
+# Header texts as they stand in unsloth / unsloth_zoo (first lines of the files named).
+APACHE_UNSLOTH = '''# Copyright 2023-present Daniel Han-Chen & the Unsloth team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+'''  # unsloth/__init__.py
+AGPL_SPDX_UNSLOTH = '''# SPDX-License-Identifier: GNU Affero General Public License v3.0
+# Copyright 2023-present the Unsloth team. All rights reserved.
+'''  # unsloth/kernels/moe/grouped_gemm/interface.py
+AGPL_ZOO = '''# Unsloth Zoo - Utilities for Unsloth
+# Copyright 2023-present Daniel Han-Chen, Michael Han-Chen & the Unsloth team. All rights reserved.
+#
+# This program is free software: you can redistribute it and/or modify
+# it under the terms of the GNU Affero General Public License as published
+# by the Free Software Foundation, either version 3 of the License, or
+# (at your option) any later version.
+'''  # unsloth_zoo/temporary_patches/gpt_oss_grouped_qlora.py
+LGPL_ZOO = '''# Unsloth Zoo - Utilities for Unsloth
+# Copyright 2023-present Daniel Han-Chen, Michael Han-Chen & the Unsloth team. All rights reserved.
+#
+# This program is free software: you can redistribute it and/or modify
+# it under the terms of the GNU Lesser General Public License as published by
+# the Free Software Foundation, either version 3 of the License, or
+# (at your option) any later version.
+#
+# This program is distributed in the hope that it will be useful,
+# but WITHOUT ANY WARRANTY; without even the implied warranty of
+# MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE.  See the
+# GNU General Public License for more details.
+'''  # unsloth_zoo/__init__.py
+
+
+def make_package(root: Path, name: str, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        p = root / name / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text + "\nx = 1\n")
+    return root / name
+
+
+def test_licence_scanner_reads_each_files_header(tmp_path):
+    from swft_lite.licences import header_licence, scan_folder
+
+    assert header_licence(LGPL_ZOO) == "LGPL-3.0"  # says "GNU General Public License" too: not GPL
+    assert header_licence(AGPL_ZOO) == "AGPL-3.0" and header_licence(AGPL_SPDX_UNSLOTH) == "AGPL-3.0"
+    assert header_licence(APACHE_UNSLOTH) == "Apache-2.0" and header_licence("import os\n") == "none"
+    pkg = make_package(tmp_path, "unsloth_zoo", {
+        "__init__.py": LGPL_ZOO, "temporary_patches/gpt_oss_grouped_qlora.py": AGPL_ZOO,
+        "temporary_patches/gpt_oss.py": AGPL_ZOO, "utils.py": LGPL_ZOO, "plain.py": ""})
+    res = scan_folder(pkg, "unsloth_zoo")
+    assert res.files == 5 and res.by_licence == {"LGPL-3.0": 2, "AGPL-3.0": 2, "none": 1}
+    assert "temporary_patches/gpt_oss_grouped_qlora.py" in res.examples["AGPL-3.0"]
+
+
+def test_detect_reports_installed_unsloth_licences(tmp_path, monkeypatch):
+    from swft_lite import hardware
+    from swft_lite.licences import scan_unsloth
+
+    # this machine has no Unsloth: detect says so
+    assert [p.summary() for p in scan_unsloth()] == ["unsloth: not installed (nothing of it would run)",
+                                                     "unsloth_zoo: not installed (nothing of it would run)"]
+    make_package(tmp_path, "unsloth", {"__init__.py": APACHE_UNSLOTH,
+                                       "kernels/moe/grouped_gemm/interface.py": AGPL_SPDX_UNSLOTH})
+    monkeypatch.syspath_prepend(str(tmp_path))  # an installed unsloth/ folder (found, never imported)
+    found = scan_unsloth()[0]
+    assert found.installed and found.by_licence == {"Apache-2.0": 1, "AGPL-3.0": 1}
+    text = "\n".join(hardware.format_licences([found]))
+    assert "2 Python files by header: " in text and "AGPL-3.0 1" in text and "kernels/moe/grouped_gemm" in text
+    assert "must meet AGPL-3.0's terms" in text
+    import sys
+
+    assert "unsloth" not in sys.modules
