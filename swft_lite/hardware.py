@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from swft_lite.licences import scan_unsloth
-from swft_lite.profiles import FIT_FRACTION, by_generation, card_fits, estimate_on_card, largest_fitting, why_none_fits
+from swft_lite.estimate import estimate as memory_estimate
+from swft_lite.profiles import FIT_FRACTION, by_generation, card_fits, largest_fitting, why_none_fits
 
 GIB = 1024**3
 MIB = 1024**2
@@ -547,19 +548,19 @@ def recommend_profile(gpus: list[GpuInfo], profiles: list) -> tuple[Any | None, 
                       "(16 GB or more); run `swft-lite detect` on the machine that has it.")
     gpu = gpus[0]
     smallest = min(profiles, key=lambda p: p.vram_budget_gib) if profiles else None
-    same = largest_fitting(profiles, gpu.total_gib, gpu.compute_capability)
+    same = largest_fitting(profiles, gpu.total_gib, gpu.compute_capability, estimator=memory_estimate)
     if not same:
         reason = f"No profile fits: {gpu.name} has {gpu.total_gib:.2f} GiB, and {MIN_GIB_STATEMENT}."
         if smallest is not None:
             if card_fits(smallest.vram_budget_gib, gpu.total_gib):  # in the class, but the estimate says no
-                why = why_none_fits(profiles, gpu.total_gib, gpu.compute_capability)
+                why = why_none_fits(profiles, gpu.total_gib, gpu.compute_capability, estimator=memory_estimate)
                 reason += " " + why[0].upper() + why[1:] + "."
             else:
                 reason += (f" The smallest profile, {smallest.name}, needs a {smallest.vram_budget_gib:g} GiB card "
                            f"({smallest.description.split(':')[0]}).")
         return None, reason
     choice = by_generation(same, gpu.compute_capability)
-    e = estimate_on_card(choice, gpu.total_gib, gpu.compute_capability)
+    e = memory_estimate(choice, card_gib=gpu.total_gib, capability=gpu.compute_capability)
     reason = (f"{gpu.name} has {gpu.total_gib:.2f} GiB; {choice.name} is the largest profile whose "
               f"{choice.vram_budget_gib:g} GiB budget fits (`swft-lite estimate`: {e.reserved_gib:.1f} GiB reserved "
               f"of this card's {e.limit_gib:g} GiB limit).")

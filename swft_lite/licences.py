@@ -99,8 +99,7 @@ def scan_package(package: str) -> PackageLicences:
     """The installed package's files by header licence, with its version and metadata licence; installed=False
     when it is not installed."""
     import importlib.util
-
-    from swft_lite.hardware import installed_version
+    from importlib import metadata
 
     try:
         spec = importlib.util.find_spec(package)
@@ -110,7 +109,10 @@ def scan_package(package: str) -> PackageLicences:
         return PackageLicences(package=package, installed=False)
     folder = Path(list(spec.submodule_search_locations)[0])
     res = scan_folder(folder, package)
-    res.version = installed_version(package)
+    try:
+        res.version = metadata.version(package)
+    except metadata.PackageNotFoundError:
+        res.version = None
     res.metadata_licence = _metadata_licence(package)
     return res
 

@@ -360,42 +360,35 @@ def by_generation(candidates: list, capability: tuple[int, int] | None):
     return eligible[-1] if eligible else ordered[0]
 
 
-def estimate_on_card(profile, card_gib: float, capability: tuple[int, int] | None):
-    """`swft-lite estimate`'s figure for training `profile` on a card of `card_gib` (as reported) with `capability`:
-    the second half of the one rule, so `detect` never recommends what `estimate` says does not fit."""
-    from swft_lite.estimate import estimate  # estimate imports this module
-
-    return estimate(profile, card_gib=card_gib, capability=capability)
-
-
-def largest_fitting(profiles: list, card_gib: float, capability: tuple[int, int] | None = None) -> list:
+def largest_fitting(profiles: list, card_gib: float, capability: tuple[int, int] | None, *, estimator) -> list:
     """The profiles of the largest budget that a card of `card_gib` fits (empty when none fits).
 
     A profile fits when the card is in its budget class (`card_fits`) AND `swft-lite estimate` says its reserved
-    memory stays within the card's headroom limit. The estimate is what rules out, measured: a Tesla T4 (14.74 GiB,
+    memory stays within the card's headroom limit: `estimator` is `swft_lite.estimate.estimate` (passed in, since
+    the memory model itself builds on profiles; required, so no caller can skip the second half of the rule). The estimate is what rules out, measured: a Tesla T4 (14.74 GiB,
     cc 7.5) or a V100 16 GB (cc 7.0) for rtx4070 - no bf16, so activations and 16-bit weights count in fp32: 18.99
     GiB estimated against a 13.5 / 14.5 GiB limit - and an L4 / A10G with ECC on (22.2 GiB) for the 24 GiB
     profiles (22.23 GiB against 20.7), which get rtx4070 instead."""
     fitting = [p for p in profiles if card_fits(p.vram_budget_gib, card_gib)
-               and estimate_on_card(p, card_gib, capability).fits]
+               and estimator(p, card_gib=card_gib, capability=capability).fits]
     if not fitting:
         return []
     top = max(p.vram_budget_gib for p in fitting)
     return [p for p in fitting if p.vram_budget_gib == top]
 
 
-def profile_for_card(profiles: list, card_gib: float, capability: tuple[int, int] | None):
+def profile_for_card(profiles: list, card_gib: float, capability: tuple[int, int] | None, *, estimator):
     """The profile to train with on a card: the largest budget it fits, then its GPU generation; None if none fits."""
-    same = largest_fitting(profiles, card_gib, capability)
+    same = largest_fitting(profiles, card_gib, capability, estimator=estimator)
     return by_generation(same, capability) if same else None
 
 
-def why_none_fits(profiles: list, card_gib: float, capability: tuple[int, int] | None) -> str:
+def why_none_fits(profiles: list, card_gib: float, capability: tuple[int, int] | None, *, estimator) -> str:
     """Why no profile fits a card, with the estimate's numbers for the smallest profile and what to do."""
     if not profiles:
         return "no profiles are installed"
     smallest = min(profiles, key=lambda p: p.vram_budget_gib)
-    e = estimate_on_card(smallest, card_gib, capability)
+    e = estimator(smallest, card_gib=card_gib, capability=capability)
     text = (f"the smallest profile, {smallest.name} ({smallest.vram_budget_gib:g} GiB budget), is estimated at "
             f"{e.reserved_gib:.2f} GiB reserved against this card's {e.limit_gib:g} GiB limit")
     if capability is not None and tuple(capability) < (8, 0):
