@@ -653,7 +653,7 @@ def _mark(ok: bool | None) -> str:
 
 def format_licences(licences: list) -> list[str]:
     lines = [f"  {p.summary()}" for p in licences]
-    if any(p.by_licence.get("AGPL-3.0") for p in licences):
+    if any(p.agpl_files for p in licences):
         lines.append("  AGPL-3.0 code runs when training with the unsloth backend: whoever redistributes it, or "
                      "serves a product built on it over a network, must meet AGPL-3.0's terms (README: Licences). "
                      "The hf backend runs none of it.")

@@ -10,6 +10,7 @@ headers of the installed files. Nothing is imported: the package folder is found
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,16 @@ _MARKERS = (
     ("MIT", ("MIT License", "Permission is hereby granted, free of charge")),
     ("BSD", ("BSD License", "BSD-3-Clause", "Redistribution and use in source and binary forms")),
 )
+
+
+# Some files under another header license parts of themselves apart, in a comment inside the code: "# This Unsloth
+# Zoo code section is licensed under AGPL3" (unsloth_zoo temporary_patches/gpt_oss.py, whose header is LGPL-3.0).
+_AGPL_SECTION = re.compile(r"licen[cs]ed under (?:the )?(?:GNU )?AGPL", re.IGNORECASE)
+
+
+def has_agpl_section(text: str) -> bool:
+    """Whether a file marks some of its code as AGPL-3.0 in a comment (whatever its header says)."""
+    return bool(_AGPL_SECTION.search(text))
 
 
 def header_licence(text: str) -> str:
@@ -47,9 +58,15 @@ class PackageLicences:
     files: int = 0
     by_licence: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # licence -> first few files (relative paths)
+    agpl_sections: list[str] = field(default_factory=list)  # files under another header with AGPL-3.0 sections
+
+    @property
+    def agpl_files(self) -> int:
+        """Files with AGPL-3.0 code: by header, or by a section notice inside."""
+        return self.by_licence.get("AGPL-3.0", 0) + len(self.agpl_sections)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "agpl_files": self.agpl_files}
 
     def summary(self) -> str:
         if not self.installed:
@@ -58,9 +75,12 @@ class PackageLicences:
         meta = f"; package metadata says {self.metadata_licence}" if self.metadata_licence else ""
         line = f"{self.package} {self.version or ''}: {self.files} Python files by header: {counts}{meta}".replace(
             "  ", " ")
-        agpl = self.examples.get("AGPL-3.0")
-        if agpl:
-            line += f" (AGPL-3.0 e.g. {', '.join(agpl)})"
+        if self.agpl_files:
+            line += (f". AGPL-3.0 code in {self.agpl_files} of them: {self.by_licence.get('AGPL-3.0', 0)} by header"
+                     f" (e.g. {', '.join(self.examples.get('AGPL-3.0', []))})")
+            if self.agpl_sections:
+                line += (f", {len(self.agpl_sections)} in sections marked inside files under another header "
+                         f"({', '.join(self.agpl_sections[:3])})")
         return line
 
 
@@ -69,10 +89,12 @@ def scan_folder(folder: Path, package: str = "") -> PackageLicences:
     res = PackageLicences(package=package or folder.name, installed=True, folder=str(folder))
     for path in sorted(folder.rglob("*.py")):
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")[:HEADER_CHARS]
+            text = path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             continue
         lic = header_licence(text)
+        if lic != "AGPL-3.0" and has_agpl_section(text):
+            res.agpl_sections.append(str(path.relative_to(folder)))
         res.files += 1
         res.by_licence[lic] = res.by_licence.get(lic, 0) + 1
         ex = res.examples.setdefault(lic, [])

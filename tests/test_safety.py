@@ -509,12 +509,16 @@ def test_licence_scanner_reads_each_files_header(tmp_path):
     assert header_licence(LGPL_ZOO) == "LGPL-3.0"  # says "GNU General Public License" too: not GPL
     assert header_licence(AGPL_ZOO) == "AGPL-3.0" and header_licence(AGPL_SPDX_UNSLOTH) == "AGPL-3.0"
     assert header_licence(APACHE_UNSLOTH) == "Apache-2.0" and header_licence("import os\n") == "none"
+    # an LGPL file with an AGPL section inside, as unsloth_zoo/temporary_patches/gpt_oss.py has
+    lgpl_with_section = LGPL_ZOO + "\ndef forward(x):\n    # This Unsloth Zoo code section is licensed under AGPL3\n"
     pkg = make_package(tmp_path, "unsloth_zoo", {
         "__init__.py": LGPL_ZOO, "temporary_patches/gpt_oss_grouped_qlora.py": AGPL_ZOO,
-        "temporary_patches/gpt_oss.py": AGPL_ZOO, "utils.py": LGPL_ZOO, "plain.py": ""})
+        "temporary_patches/gpt_oss.py": lgpl_with_section, "utils.py": LGPL_ZOO, "plain.py": ""})
     res = scan_folder(pkg, "unsloth_zoo")
-    assert res.files == 5 and res.by_licence == {"LGPL-3.0": 2, "AGPL-3.0": 2, "none": 1}
-    assert "temporary_patches/gpt_oss_grouped_qlora.py" in res.examples["AGPL-3.0"]
+    assert res.files == 5 and res.by_licence == {"LGPL-3.0": 3, "AGPL-3.0": 1, "none": 1}
+    assert res.examples["AGPL-3.0"] == ["temporary_patches/gpt_oss_grouped_qlora.py"]
+    assert res.agpl_sections == ["temporary_patches/gpt_oss.py"] and res.agpl_files == 2
+    assert "AGPL-3.0 code in 2 of them: 1 by header" in res.summary()
 
 
 def test_detect_reports_installed_unsloth_licences(tmp_path, monkeypatch):
