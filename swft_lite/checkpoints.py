@@ -23,7 +23,7 @@ import json
 import shutil
 from pathlib import Path
 
-from swft_lite.errors import TrainError
+from swft_lite.errors import SwftError, TrainError
 from swft_lite.run_folder import RunFolder, RunRecord
 
 MARKER = "swft_complete.json"
@@ -205,6 +205,6 @@ class RunGuard:
             if not kept:
                 friendly.args = (friendly.args[0] + f". Nothing was trained; {self.run.path} was removed",)
             raise friendly from None
-        if not kept and isinstance(exc, TrainError):
-            raise TrainError(f"{exc}. Nothing was trained; {self.run.path} was removed") from None
-        return False  # re-raise as is
+        if not kept and isinstance(exc, SwftError):  # say where the folder went; the error stays what it is
+            exc.args = (f"{exc}. Nothing was trained; {self.run.path} was removed",)
+        return False  # re-raise

@@ -446,7 +446,7 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
         return None
     record, resume_from = start_record(run, profile, options, model_path, backend, prepared.report, plan, echo)
     # From here the run folder exists: whatever ends the run, run.json ends with a final status (swft_lite.checkpoints).
-    with RunGuard(run, record, options.model, options.resume, _now) as guard:
+    with RunGuard(run, record, model_path, options.resume, _now) as guard:
         if resume_from is not None:  # the history logged before the stop, up to the checkpoint resumed from
             record.update(history_until(resume_from))
         model, tokenizer = load_model(run, record, backend, model_path, profile, echo)
