@@ -161,6 +161,7 @@ class RunGuard:
         self.run, self.record, self.model, self.resumed, self.now = run, record, model, resumed, now
         self.started = False
         self.closed = False
+        self.record_error: OSError | None = None  # run.json could not be written at the end
 
     def training_started(self) -> None:
         self.started = True
@@ -173,6 +174,15 @@ class RunGuard:
             del self.record["reason"]
         self.run.write_record(self.record)
         self.closed = True
+
+    def _finish_failed(self, status: str, reason: str) -> None:
+        """The final status of a failed run; a disk too full to take run.json either must not hide the failure
+        (measured on a full tmpfs: the write of run.json raised ENOSPC too, over the checkpoint's error)."""
+        try:
+            self.finish(status, reason)
+        except OSError as exc:
+            self.closed = True
+            self.record_error = exc
 
     def __enter__(self):
         return self
@@ -191,19 +201,27 @@ class RunGuard:
             saved = (f"the newest complete checkpoint is {last[-1].name}; continue with --resume --run-name "
                      f"{self.run.name}" if last else "no checkpoint was saved, so --resume has nothing to continue "
                      "from; start again (with --overwrite)")
-            self.finish("interrupted", "Ctrl-C twice: stopped at once, without saving")
-            raise TrainInterrupted(f"interrupted (Ctrl-C twice); {saved}") from None
+            self._finish_failed("interrupted", "Ctrl-C twice: stopped at once, without saving")
+            raise TrainInterrupted(f"interrupted (Ctrl-C twice); {saved}{self._record_note()}") from None
         if self.record.get("status") not in ("out_of_memory",):  # OOM is already recorded with its advice
-            self.finish("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip())
+            self._finish_failed("failed", f"{type(exc).__name__}: "
+                                          f"{str(exc).splitlines()[0] if str(exc) else ''}".strip())
         else:
-            self.finish("out_of_memory", str(exc))
+            self._finish_failed("out_of_memory", str(exc))
         return self._reraise(exc, kept=True)
+
+    def _record_note(self) -> str:
+        if self.record_error is None:
+            return ""
+        return (f" ({self.run.run_json} could not be updated either: {self.record_error.strerror or self.record_error}"
+                "; it still says running, which --resume does not mind)")
 
     def _reraise(self, exc: BaseException, kept: bool) -> bool:
         friendly = explain(exc, self.run, self.model)
         if friendly is not None:
             if not kept:
                 friendly.args = (friendly.args[0] + f". Nothing was trained; {self.run.path} was removed",)
+            friendly.args = (friendly.args[0] + self._record_note(),)
             raise friendly from None
         if not kept and isinstance(exc, SwftError):  # say where the folder went; the error stays what it is
             exc.args = (f"{exc}. Nothing was trained; {self.run.path} was removed",)

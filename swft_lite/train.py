@@ -637,13 +637,10 @@ def run_training(run: RunFolder, record: RunRecord, profile: Profile, trainer, r
         record.update(status="out_of_memory", finished=_now())
         run.write_record(record)
         raise TrainError(oom_advice(profile)) from None
-    except Exception:
+    except (Exception, KeyboardInterrupt):
         tb_writer.flush()
-        record.update(run_log)  # what was logged before the failure; the RunGuard writes status failed
-        raise
-    except KeyboardInterrupt:
-        tb_writer.flush()
-        record.update(run_log)  # the RunGuard writes the final status
+        sys.stderr.write("\n")  # end the progress bar's line, so the Error: line starts a line of its own
+        record.update(run_log)  # what was logged before it stopped; the RunGuard writes the final status
         raise
     train_seconds = time.perf_counter() - t0
 

@@ -539,3 +539,26 @@ def test_detect_reports_installed_unsloth_licences(tmp_path, monkeypatch):
     import sys
 
     assert "unsloth" not in sys.modules
+
+
+def test_a_disk_too_full_for_run_json_too_still_ends_in_one_error_line(tmp_path):
+    """Measured on a full tmpfs: after the checkpoint's ENOSPC, writing run.json failed too and its traceback hid
+    the first. Here run.json's temporary file is /dev/full, where every write fails with errno 28."""
+    import errno
+
+    from swft_lite.checkpoints import RunGuard
+    from swft_lite.errors import TrainError
+    from swft_lite.run_folder import RunFolder, RunRecord
+
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.write_record(RunRecord(status="running"))
+    (run.path / "run.json.tmp").symlink_to("/dev/full")
+    with pytest.raises(TrainError) as caught:
+        with RunGuard(run, RunRecord(status="running"), "m", resumed=False, now=lambda: "t") as guard:
+            guard.training_started()
+            raise OSError(errno.ENOSPC, "No space left on device", str(run.path / "checkpoints" / "checkpoint-4"))
+    msg = str(caught.value)
+    assert msg.startswith(f"no space left on the device while writing {run.path / 'checkpoints' / 'checkpoint-4'}")
+    assert "run.json could not be updated either" in msg and "--resume" in msg
+    assert run.read_record()["status"] == "running"  # the old record is intact (written atomically)
