@@ -581,7 +581,7 @@ def _base_profile(card_gib: float, capability: tuple[int, int] | None) -> Profil
     """The shipped profile a card of `card_gib` starts from: `swft-lite detect`'s rule (swft_lite.profiles)."""
     from swft_lite.profiles import all_profiles, profile_for_card
 
-    base = profile_for_card(all_profiles(), card_gib, capability)
+    base = profile_for_card(all_profiles(), card_gib, capability, estimator=estimate)
     if base is None:
         raise ProfileError(f"no shipped profile fits a {card_gib:g} GiB card: gpt-oss-20b needs about 13-15 GiB "
                            "of GPU memory even at 4 bits (the smallest profile is for 16 GB cards)")

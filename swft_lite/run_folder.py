@@ -27,9 +27,9 @@ class RunRecord(dict):
     """run.json, as written: a JSON object whose keys keep the order they were first set in (the file reads top to
     bottom as the run went). The keys other code reads have typed accessors here; `swft-lite train` writes, in order:
 
-    swft_lite_version, status (running | out_of_memory | aborted | interrupted | finished), started, resumed (list of
-    times), fingerprint, fingerprint_parts, model, backend, profile, options, packages, data, plan, padding_fraction,
-    gpu, adapters, load_seconds, train_seconds, global_step, train_loss, best_checkpoint, best_eval_loss, losses,
+    swft_lite_version, status (running, then one of completed | failed | interrupted | out_of_memory, with `reason`),
+    started, resumed (list of times), fingerprint, fingerprint_parts, model, backend, profile, options, packages, data,
+    plan, padding_fraction, gpu, adapters, load_seconds, train_seconds, global_step, train_loss, best_checkpoint, best_eval_loss, losses,
     eval_losses, tokens_per_second, interrupted_at_step, tokens_per_second_median, peak_memory_gib,
     peak_reserved_gib, trained_probe, adapter_dir, merge, finished.
     """
@@ -124,10 +124,6 @@ class RunFolder:
         tmp = self.path / (RUN_JSON + ".tmp")
         tmp.write_text(json.dumps(record, indent=2, default=str))
         tmp.replace(self.run_json)
-
-    def last_checkpoint(self) -> Path | None:
-        ckpts = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-        return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 # --- "which folder is this?" ---------------------------------------------------------------------------------------
