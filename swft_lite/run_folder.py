@@ -4,7 +4,8 @@
         run.json                    the RunRecord: resolved config and profile, versions, GPU, data hashes, the plan,
                                     times, losses, memory, tokens/s, the merge report
         checkpoints/                checkpoint-N folders (the last K kept); --resume continues from the newest
-        tensorboard/                loss, eval loss, learning rate, grad norm, tokens/s, memory
+        tensorboard/                loss, eval loss, learning rate, grad norm, tokens/s, memory, eval metrics
+        eval_generations/           step-N.jsonl: the answers --eval-generate scored at each evaluation
         trained_probe.safetensors   the trained model's top-K log-probs on the probe tokens (swft_lite.probes)
         adapter/                    the LoRA adapter with tokenizer and chat template
         merged/                     base + adapter folded into bf16 safetensors
@@ -100,6 +101,10 @@ class RunFolder:
     @property
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
+
+    @property
+    def eval_generations(self) -> Path:
+        return self.path / "eval_generations"
 
     @property
     def trained_probe(self) -> Path:
