@@ -239,7 +239,8 @@ def train_cmd(profile_ref, set_values, **kwargs):
       adapter/      the LoRA adapter, tokenizer and chat template
       merged/       base + adapter as bf16 safetensors, checked against the trained model
       checkpoints/  the last --save-total-limit checkpoints
-      tensorboard/  loss, learning rate, grad norm, tokens/s, memory  (tensorboard --logdir output)
+      tensorboard/  loss, learning rate, grad norm, tokens/s, memory, eval loss and --eval-generate metrics
+                    (tensorboard --logdir output)
       run.json      settings, versions, GPU, data hashes, losses, memory, speed
 
     \b
