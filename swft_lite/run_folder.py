@@ -31,7 +31,8 @@ class RunRecord(dict):
     swft_lite_version, status (running | out_of_memory | aborted | interrupted | finished), started, resumed (list of
     times), fingerprint, fingerprint_parts, model, backend, profile, options, packages, data, plan, padding_fraction,
     gpu, adapters, load_seconds, train_seconds, global_step, train_loss, best_checkpoint, best_eval_loss, losses,
-    eval_losses, tokens_per_second, interrupted_at_step, tokens_per_second_median, peak_memory_gib,
+    eval_losses, tokens_per_second, eval_metrics, early_stopping, eval_generate, best_metric (swft_lite.train_eval),
+    interrupted_at_step, tokens_per_second_median, peak_memory_gib,
     peak_reserved_gib, trained_probe, adapter_dir, merge, finished.
     """
 

@@ -28,7 +28,7 @@ from swft_lite.data.options import DataOptions, option, same_as
 from swft_lite.errors import TrainError
 from swft_lite.profiles import Profile
 from swft_lite.run_folder import RUN_JSON, RunFolder, RunRecord
-from swft_lite.train_eval import EARLY_STOPPING_METRICS, check_options as check_eval_options
+from swft_lite import train_eval
 
 @dataclass
 class TrainOptions:
@@ -47,7 +47,7 @@ class TrainOptions:
     early_stopping_patience: int | None = option(None, type=int, min=1, help=(
         "Stop when --early-stopping-metric has not improved for N evaluations (needs eval data, and --save-steps a "
         "multiple of --eval-steps)."))
-    early_stopping_metric: str = option("eval_loss", choices=tuple(EARLY_STOPPING_METRICS), help=(
+    early_stopping_metric: str = option("eval_loss", choices=tuple(train_eval.EARLY_STOPPING_METRICS), help=(
         "What early stopping and the best checkpoint (adapter/) watch: eval_loss (lower is better) or a share "
         "measured on --eval-generate answers (higher is better)."))
     eval_generate: int = option(0, min=0, help=(
@@ -316,7 +316,6 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
     from trl import SFTConfig
 
     from swft_lite.backends import training_dtype
-    from swft_lite.train_eval import greater_is_better, metric_key
 
     scheduler_kwargs = {}
     if profile.lr_scheduler == "cosine_with_min_lr":
@@ -356,8 +355,8 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
         save_steps=options.save_steps,
         save_total_limit=options.save_total_limit,
         load_best_model_at_end=best_at_end,
-        metric_for_best_model=metric_key(options.early_stopping_metric) if best_at_end else None,
-        greater_is_better=greater_is_better(options.early_stopping_metric) if best_at_end else None,
+        metric_for_best_model=train_eval.metric_key(options.early_stopping_metric) if best_at_end else None,
+        greater_is_better=train_eval.greater_is_better(options.early_stopping_metric) if best_at_end else None,
         seed=options.seed,
         data_seed=options.seed,
         disable_tqdm=True,
@@ -436,7 +435,7 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     """Run one training job end to end; returns the run folder (None for a dry run, which only prints the plan)."""
     model_path, backend, run = setup_run(profile, options, echo)
     prepared = prepare_data(profile, options, echo)
-    check_eval_options(options, prepared)  # before any model loads
+    train_eval.check_options(options, prepared)  # before any model loads
     plan = plan_training(profile, options, prepared.train, backend)
     echo(format_plan(profile, plan, backend))
     if options.dry_run:
@@ -584,8 +583,6 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
                                     with_batch_sampler)
     from torch.utils.tensorboard import SummaryWriter
     from transformers import PrinterCallback
-
-    from swft_lite import train_eval
 
     args = sft_config(profile, options, run.path, prepared.eval is not None)
     # A resumed run keeps the history it logged before it stopped.
