@@ -85,23 +85,32 @@ def test_eval_loss_and_generated_answer_metrics_reach_run_json_and_tensorboard(t
     assert [ev.value for ev in acc.Scalars("eval/loss")] == pytest.approx([e["loss"] for e in history])
 
 
-def test_early_stopping_on_a_generated_answer_metric_stops_the_run_and_says_why(tmp_path, tiny_model_dir, data):
-    # format_ok stays 0 on a random model: with patience 1 the second evaluation stops the run (of 8 steps).
+@pytest.mark.parametrize("metric", ["format_ok", "source_refs"])
+def test_early_stopping_on_a_generated_answer_metric_stops_the_run_and_says_why(tmp_path, tiny_model_dir, data,
+                                                                                  metric):
+    # format_ok stays 0 on a random model, and source_refs is undefined (no claims), which counts as 0: with
+    # patience 1 the second evaluation stops the run (of 8 steps).
     train, val = data
     result = run_cli(["train", *CPU_FLAGS, "--model", tiny_model_dir, "--data", train, "--eval-data", val,
                       "--output-root", tmp_path, "--run-name", "stop", "--max-steps", 8, "--eval-steps", 1,
                       "--save-steps", 1, "--eval-generate", 1, "--eval-max-new-tokens", 3,
-                      "--early-stopping-metric", "format_ok", "--early-stopping-patience", 1])
+                      "--early-stopping-metric", metric, "--early-stopping-patience", 1])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "stop" / "run.json").read_text())
     assert record["status"] == "finished" and record["global_step"] == 2
     stop = record["early_stopping"]
-    assert stop["stopped"] is True and stop["at_step"] == 2 and stop["metric"] == "format_ok"
+    assert stop["stopped"] is True and stop["at_step"] == 2 and stop["metric"] == metric
     assert stop["best"] == 0.0 and stop["best_step"] == 1 and stop["patience"] == 1
-    assert "format_ok did not improve on its best, 0 at step 1, for 1 evaluation(s)" in stop["reason"]
+    assert f"{metric} did not improve on its best, 0 at step 1, for 1 evaluation(s)" in stop["reason"]
     assert "higher is better" in stop["reason"]
-    assert record["best_metric"]["metric"] == "format_ok" and record["best_metric"]["step"] == 1
-    assert "early stopping: format_ok did not improve" in result.output
+    assert record["best_metric"]["metric"] == metric and record["best_metric"]["step"] == 1
+    assert record["best_checkpoint"].endswith("checkpoint-1")
+    assert f"early stopping: {metric} did not improve" in result.output
+    if metric == "source_refs":  # counted as 0 for the decision, never logged as a measured 0
+        assert stop["undefined_at_steps"] == [1, 2]
+        assert all("source_refs" not in e for e in record["eval_metrics"])
+    else:
+        assert "undefined_at_steps" not in stop
 
 
 def _one_error_line(result) -> str:
