@@ -62,6 +62,11 @@ def field_option(cls, name: str, *, help: str | None = None):  # noqa: A002 - cl
     kwargs = {"default": f.default, "show_default": True, "help": help or meta.get("help")}
     if meta.get("choices"):
         kwargs["type"] = click.Choice(list(meta["choices"]))
+    elif meta.get("min") is not None:
+        kind = meta.get("type") or type(f.default)
+        kwargs["type"] = (click.FloatRange if kind is float else click.IntRange)(meta["min"])
+    elif meta.get("type"):
+        kwargs["type"] = meta["type"]
     return click.option("--" + name.replace("_", "-"), **kwargs)
 
 
@@ -205,8 +210,10 @@ def profiles_show(profile_ref, as_json, set_values, **flags):
               help="Checkpoint every N steps (and always when stopped with Ctrl-C).")
 @click.option("--save-total-limit", type=click.IntRange(1), default=3, show_default=True,
               help="Keep the last K checkpoints.")
-@click.option("--early-stopping-patience", type=click.IntRange(1), default=None,
-              help="Stop when eval loss has not improved for N evaluations (needs eval data).")
+@field_option(TrainOptions, "eval_generate")
+@field_option(TrainOptions, "eval_max_new_tokens")
+@field_option(TrainOptions, "early_stopping_metric")
+@field_option(TrainOptions, "early_stopping_patience")
 @field_option(TrainOptions, "mask")
 @field_option(TrainOptions, "overlong")
 @field_option(TrainOptions, "reasoning_effort")
@@ -232,7 +239,8 @@ def train_cmd(profile_ref, set_values, **kwargs):
       adapter/      the LoRA adapter, tokenizer and chat template
       merged/       base + adapter as bf16 safetensors, checked against the trained model
       checkpoints/  the last --save-total-limit checkpoints
-      tensorboard/  loss, learning rate, grad norm, tokens/s, memory  (tensorboard --logdir output)
+      tensorboard/  loss, learning rate, grad norm, tokens/s, memory, eval loss and --eval-generate metrics
+                    (tensorboard --logdir output)
       run.json      settings, versions, GPU, data hashes, losses, memory, speed
 
     \b

@@ -4,7 +4,8 @@
         run.json                    the RunRecord: resolved config and profile, versions, GPU, data hashes, the plan,
                                     times, losses, memory, tokens/s, the merge report
         checkpoints/                checkpoint-N folders (the last K kept); --resume continues from the newest
-        tensorboard/                loss, eval loss, learning rate, grad norm, tokens/s, memory
+        tensorboard/                loss, eval loss, learning rate, grad norm, tokens/s, memory, eval metrics
+        eval_generations/           step-N.jsonl: the answers --eval-generate scored at each evaluation
         trained_probe.safetensors   the trained model's top-K log-probs on the probe tokens (swft_lite.probes)
         adapter/                    the LoRA adapter with tokenizer and chat template
         merged/                     base + adapter folded into bf16 safetensors
@@ -29,8 +30,9 @@ class RunRecord(dict):
 
     swft_lite_version, status (running, then one of completed | failed | interrupted | out_of_memory, with `reason`),
     started, resumed (list of times), fingerprint, fingerprint_parts, model, backend, profile, options, packages, data,
-    plan, padding_fraction, gpu, adapters, load_seconds, train_seconds, global_step, train_loss, best_checkpoint, best_eval_loss, losses,
-    eval_losses, tokens_per_second, interrupted_at_step, tokens_per_second_median, peak_memory_gib,
+    plan, padding_fraction, gpu, adapters, load_seconds, train_seconds, global_step, train_loss, best_checkpoint,
+    best_eval_loss, losses, eval_losses, tokens_per_second, eval_metrics, early_stopping, eval_generate, best_metric
+    (swft_lite.train_eval), interrupted_at_step, tokens_per_second_median, peak_memory_gib,
     peak_reserved_gib, trained_probe, adapter_dir, merge, finished.
     """
 
@@ -100,6 +102,10 @@ class RunFolder:
     @property
     def tensorboard(self) -> Path:
         return self.path / "tensorboard"
+
+    @property
+    def eval_generations(self) -> Path:
+        return self.path / "eval_generations"
 
     @property
     def trained_probe(self) -> Path:

@@ -27,10 +27,11 @@ from swft_lite import __version__
 from swft_lite.base_identity import write_record as _write_base_identity
 from swft_lite.checkpoints import (RunGuard, TrainInterrupted, checkpoint_for_resume, completion_marker_callback,
                                    history_until)
-from swft_lite.data.options import DataOptions, same_as
+from swft_lite.data.options import DataOptions, option, same_as
 from swft_lite.errors import TrainError
 from swft_lite.profiles import Profile
 from swft_lite.run_folder import RUN_JSON, RunFolder, RunRecord
+from swft_lite import train_eval
 
 @dataclass
 class TrainOptions:
@@ -46,7 +47,16 @@ class TrainOptions:
     eval_steps: int = 50
     save_steps: int = 100
     save_total_limit: int = 3
-    early_stopping_patience: int | None = None
+    early_stopping_patience: int | None = option(None, type=int, min=1, help=(
+        "Stop when --early-stopping-metric has not improved for N evaluations (needs eval data, and --save-steps a "
+        "multiple of --eval-steps)."))
+    early_stopping_metric: str = option("eval_loss", choices=tuple(train_eval.EARLY_STOPPING_METRICS), help=(
+        "What early stopping and the best checkpoint (adapter/) watch: eval_loss (lower is better) or a share "
+        "measured on --eval-generate answers (higher is better)."))
+    eval_generate: int = option(0, min=0, help=(
+        "At each evaluation, answer the first N conversations of --eval-data (greedy) and log source_refs, "
+        "markdown_valid, mermaid_valid, format_ok (as `swft-lite eval` scores them). 0: eval loss only."))
+    eval_max_new_tokens: int = option(256, min=1, help="Most tokens generated per --eval-generate answer.")
     seed: int = same_as(DataOptions, "seed")
     resume: bool = False
     force_resume: bool = False
@@ -366,8 +376,8 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
         save_steps=options.save_steps,
         save_total_limit=options.save_total_limit,
         load_best_model_at_end=best_at_end,
-        metric_for_best_model="eval_loss" if best_at_end else None,
-        greater_is_better=False if best_at_end else None,
+        metric_for_best_model=train_eval.metric_key(options.early_stopping_metric) if best_at_end else None,
+        greater_is_better=train_eval.greater_is_better(options.early_stopping_metric) if best_at_end else None,
         seed=options.seed,
         data_seed=options.seed,
         disable_tqdm=True,
@@ -446,6 +456,7 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     """Run one training job end to end; returns the run folder (None for a dry run, which only prints the plan)."""
     model_path, backend, run = setup_run(profile, options, echo)
     prepared = prepare_data(profile, options, echo)
+    train_eval.check_options(options, prepared)  # before any model loads
     plan = plan_training(profile, options, prepared.train, backend)
     echo(format_plan(profile, plan, backend))
     if options.dry_run:
@@ -602,7 +613,7 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
     from swft_lite.batching import (EpochBatchSampler, PaddedCollator, batching_mode, collator_for, dataset_lengths,
                                     plan_batches, with_batch_sampler)
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import EarlyStoppingCallback, PrinterCallback
+    from transformers import PrinterCallback
 
     args = sft_config(profile, options, run.path, prepared.eval is not None)
     # A resumed run keeps the history it logged before it stopped.
@@ -621,10 +632,8 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
     counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training, eval_collator)
     trainer.data_collator = counter
     trainer.add_callback(_callbacks(stop, run_log, counter, tb_writer))
-    if options.early_stopping_patience and args.load_best_model_at_end:
-        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
-    elif options.early_stopping_patience:
-        echo("note: early stopping needs eval data and --save-steps a multiple of --eval-steps; not enabled")
+    # eval perplexity, --eval-generate's metrics, their history in run.json, early stopping on any of them
+    train_eval.attach(trainer, args, options, prepared, run, run_log, record, echo)
     return trainer, run_log, tb_writer
 
 

@@ -62,10 +62,12 @@ class DataError(SwftError, ValueError):
         super().__init__(message)
 
 
-def option(default, help: str | None = None, *, choices: tuple | None = None):  # noqa: A002 - click's word
-    """A dataclass field that is also a command-line flag: its default, choices and help are typed here once, and
-    `swft_lite.cli.field_option` builds the click option from them (TRL's dataclass-as-flags style)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help: str | None = None, *, choices: tuple | None = None,  # noqa: A002 - click's word
+           type: type | None = None, min: float | None = None):  # noqa: A002
+    """A dataclass field that is also a command-line flag: its default, choices, type (needed where the default is
+    None), lowest value and help are typed here once, and `swft_lite.cli.field_option` builds the click option from
+    them (TRL's dataclass-as-flags style)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "type": type, "min": min})
 
 
 def same_as(cls, name: str):
