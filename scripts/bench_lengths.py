@@ -140,11 +140,13 @@ def cmd_losses(args) -> int:
     train_file, eval_file = work / "data" / "train.jsonl", work / "data" / "val.jsonl"
     train_file.write_text("\n".join(rows[args.eval_rows:args.eval_rows + args.rows]) + "\n")
     eval_file.write_text("\n".join(rows[:args.eval_rows]) + "\n")
-    runs = {"plain": [], "packed": ["--set", f"token_budget={args.token_budget}", "--set", "packing=true",
+    runs = {"plain": ["--no-packing", "--token-budget", "0"], "packed": ["--set", f"token_budget={args.token_budget}", "--set", "packing=true",
                                     "--set", "per_device_batch_size=1"]}
     result = {"model": args.model_dir, "profile": args.profile, "train_rows": args.rows, "eval_rows": args.eval_rows,
               "token_budget": args.token_budget, "runs": {}}
     for name, extra in runs.items():
+        if name not in args.runs.split(","):
+            continue
         cmd = [sys.executable, "-m", "swft_lite.cli", "train", "--profile", args.profile, "--model", args.model_dir,
                "--data", str(train_file), "--eval-data", str(eval_file), "--backend", "unsloth", "--no-merge",
                "--set", "num_epochs=1", "--set", f"gradient_accumulation_steps={args.accum}",
@@ -195,6 +197,7 @@ def main(argv=None) -> int:
     lo.add_argument("--accum", type=int, default=4)
     lo.add_argument("--eval-steps", type=int, default=5)
     lo.add_argument("--work", default="/tmp/swft-losses")
+    lo.add_argument("--runs", default="plain,packed")
     lo.add_argument("--out", default=None)
     p = sub.add_parser("report")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "lengths.json"))

@@ -609,8 +609,10 @@ def plan_for_card(total_gib: float, capability: tuple[int, int] | None = None, *
     cap = min(max_seq or shape.max_position, shape.max_position)
 
     def variant(seq: int, batch: int) -> Profile:
+        # A profile with a token budget (h100 packs) keeps its passes as large as `batch` rows of `seq` tokens.
         return dataclasses.replace(base, max_seq_length=seq, per_device_batch_size=batch,
-                                   gradient_accumulation_steps=max(1, effective // batch))
+                                   gradient_accumulation_steps=max(1, effective // batch),
+                                   token_budget=seq * batch if base.token_budget else 0)
 
     def ok(p: Profile) -> bool:
         return estimate(p, shape, stack=stack, card_gib=total_gib, capability=capability).fits

@@ -598,7 +598,7 @@ def tailored_plan(gpu: GpuInfo, profile) -> dict | None:
     except ProfileError:
         return None
     changes = {k: getattr(plan, k) for k in ("max_seq_length", "per_device_batch_size", "gradient_accumulation_steps",
-                                             "load_in_4bit", "lora_targets")
+                                             "token_budget", "load_in_4bit", "lora_targets")
                if getattr(plan, k) != getattr(profile, k)}
     if not changes or plan.tokens_per_step <= profile.tokens_per_step:
         return None

@@ -278,7 +278,7 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     from swft_lite.cli import main
 
     result = CliRunner().invoke(main, ["train", "--profile", "h100", "--data", "sample", "--dry-run",
-                                       "--token-budget", "4096", "--max-seq-length", "4096",
+                                       "--token-budget", "4096", "--max-seq-length", "4096", "--no-packing",
                                        "--output-root", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     out = result.output
@@ -288,6 +288,29 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     assert "time       ~" in out  # the h100 settings have a measured pass time
     assert not (tmp_path / "runs").exists()  # no run folder
     assert "unsloth" not in sys.modules and "done:" not in out
+
+
+def test_the_plan_says_how_full_the_passes_are_and_how_to_fill_them(tmp_path):
+    """h100 packs by default; a profile that does not (rtx4090: 2 rows of up to 8,192 tokens a pass) is told, on
+    short chats, how empty its passes are and which flags fill them - and the advised flags do."""
+    from click.testing import CliRunner
+
+    from swft_lite.cli import main
+
+    def plan(*args):
+        result = CliRunner().invoke(main, ["train", "--data", "sample", "--dry-run",
+                                           "--output-root", str(tmp_path / "runs"), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    out = plan("--profile", "h100")
+    assert "packed into sequences of up to 8,192 tokens" in out and "tip" not in out
+    out = plan("--profile", "rtx4090")
+    assert "2 row(s) per pass (token_budget off)" in out
+    tip = next(line for line in out.splitlines() if line.strip().startswith("tip"))
+    assert "% of each pass" in tip and "--packing --token-budget 8192 --per-device-batch-size 1" in tip
+    out = plan("--profile", "rtx4090", "--packing", "--token-budget", "8192", "--per-device-batch-size", "1")
+    assert "packed into sequences of up to 8,192 tokens" in out and "tip" not in out
 
 
 def test_rows_longer_than_a_pass_are_named_before_the_model_loads(tmp_path):
