@@ -42,6 +42,11 @@ def usage_stage():
 class SwftGroup(click.Group):
     """The one place where a user-fixable error (every `SwftError`, of any command) becomes one `Error:` line."""
 
+    def parse_args(self, ctx, args):
+        # The arguments as typed, for `train --gpus N`, which starts itself again under torchrun with them.
+        ctx.meta["swft_argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -212,6 +217,7 @@ def profiles_show(profile_ref, as_json, set_values, **flags):
 @field_option(TrainOptions, "reasoning_effort")
 @field_option(TrainOptions, "date")
 @field_option(TrainOptions, "seed")
+@field_option(TrainOptions, "gpus")
 @click.option("--resume", is_flag=True, help="Continue --run-name from its last checkpoint (refused if the data or "
               "settings changed).")
 @click.option("--force-resume", is_flag=True, help="Resume even though data or settings changed.")
@@ -247,12 +253,35 @@ def train_cmd(profile_ref, set_values, **kwargs):
         profile_ref = _recommended_profile_name()
     profile = resolve_profile(profile_ref, set_values, flags)
     options = TrainOptions(output_root=kwargs.pop("output_root"), **kwargs)
+    _launch_if_several_gpus(profile, options)
     try:
         run_dir = train(profile, options, echo=click.echo)
     except KeyboardInterrupt:
         fail("aborted; the run folder keeps the last saved checkpoint", code=130)
-    if run_dir is not None:
+    from swft_lite import distributed
+
+    distributed.finish()
+    if run_dir is not None and distributed.is_main_process():
         click.secho(f"done: {run_dir}", fg="green")
+
+
+def _launch_if_several_gpus(profile: Profile, options: TrainOptions) -> None:
+    """--gpus N > 1: checked here (GPUs, cards, profile, resume), then the same arguments run under torchrun, one
+    process per GPU; this process waits and exits with its status."""
+    from swft_lite import distributed
+
+    with usage_stage():
+        n, why = distributed.plan_launch(profile, options)
+    if n == 0:
+        return
+    argv = click.get_current_context().meta["swft_argv"]
+    click.echo(f"gpus: {why}; starting {n} processes: torchrun --nproc-per-node {n} --standalone "
+               f"-m swft_lite.cli {' '.join(argv)}")
+    try:
+        code = distributed.relaunch(n, argv)
+    except KeyboardInterrupt:
+        fail("aborted; the run folder keeps the last saved checkpoint", code=130)
+    sys.exit(code)
 
 
 def _recommended_profile_name() -> str:

@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from swft_lite import __version__
-from swft_lite.data.options import DataOptions, same_as
+from swft_lite import distributed
+from swft_lite.data.options import DataOptions, option, same_as
 from swft_lite.errors import TrainError
 from swft_lite.profiles import Profile
 from swft_lite.run_folder import RUN_JSON, RunFolder, RunRecord
@@ -56,6 +57,9 @@ class TrainOptions:
     date: str = same_as(DataOptions, "date")
     num_proc: int | None = None
     dry_run: bool = False                 # print the plan (data, batches, steps, memory, time) and stop
+    gpus: str = option("1", help="GPUs to train on, one process each (data parallel, the profile on every GPU): a "
+                                 "number, or 'auto' for every visible GPU that fits the profile. More than 1 starts "
+                                 "the run under torchrun; under your own torchrun its world size is used.")
 
     def run_dir(self, profile: Profile) -> Path:
         name = self.run_name or f"{profile.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -241,7 +245,7 @@ def _callbacks(stop: _StopRequest, run_log: dict, counter: TokenCounter, tb_writ
 
         def on_train_begin(self, args, state, control, **kw):
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
-                            dynamic_ncols=True)
+                            dynamic_ncols=True, disable=not distributed.is_main_process())
             self.last_time = time.perf_counter()
             self.last_tokens = 0
 
@@ -359,6 +363,7 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
         dataset_num_proc=options.num_proc,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **distributed.ddp_settings(),
     )
 
 
@@ -375,10 +380,14 @@ def plan_training(profile: Profile, options: TrainOptions, train_dataset, backen
     _, plan = plan_batches(lengths, mode, token_budget=profile.token_budget,
                            batch_size=profile.per_device_batch_size, seed=options.seed)
     accumulation = profile.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(plan.micro_batches / accumulation)
+    # Under data parallel every process takes every N-th pass (accelerate's BatchSamplerShard): passes and time
+    # below are one process's, tokens the whole run's.
+    world = distributed.world_size()
+    rank_batches = math.ceil(plan.micro_batches / world)
+    steps_per_epoch = math.ceil(rank_batches / accumulation)
     steps = options.max_steps or math.ceil(profile.num_epochs * steps_per_epoch)
-    passes = min(steps * accumulation, math.ceil(plan.micro_batches * (steps / steps_per_epoch)))
-    epochs = passes / max(plan.micro_batches, 1)
+    passes = min(steps * accumulation, math.ceil(rank_batches * (steps / steps_per_epoch)))
+    epochs = passes / max(rank_batches, 1)
     memory = est.estimate(profile, stack="hf" if backend == "hf" else "unsloth")
     timing = est.pass_time(profile) if backend == "unsloth" else None
     return {
@@ -389,7 +398,9 @@ def plan_training(profile: Profile, options: TrainOptions, train_dataset, backen
         "tokens": round(plan.tokens * epochs), "computed_tokens": round(plan.padded_tokens * epochs),
         "memory": {"reserved_gib": round(memory.reserved_gib, 2), "limit_gib": memory.limit_gib,
                    "fits": memory.fits, "stack": memory.stack},
-        "eta_seconds": None if timing is None else round(timing.seconds(passes, plan.padded_tokens * epochs)),
+        "world_size": world,
+        "global_batch": distributed.Layout(world, profile.per_device_batch_size, accumulation).global_batch,
+        "eta_seconds": None if timing is None else round(timing.seconds(passes, plan.padded_tokens * epochs / world)),
         "eta_source": None if timing is None else timing.source,
     }
 
@@ -413,8 +424,16 @@ def format_plan(profile: Profile, plan: dict, backend: str) -> str:
     lines.append(f"  memory     ~{m['reserved_gib']:.1f} GiB reserved (estimate, {m['stack']} stack) of a "
                  f"{profile.vram_budget_gib:g} GiB card's {m['limit_gib']:g} GiB limit: "
                  f"{'fits' if m['fits'] else 'does NOT fit'}")
+    world = plan.get("world_size", 1)
+    if world > 1:
+        unit = "rows" if b["mode"] == "fixed" else "passes"
+        per = profile.per_device_batch_size if b["mode"] == "fixed" else 1
+        layout = distributed.Layout(world, per, profile.gradient_accumulation_steps)
+        lines.append(f"  GPUs       {world} processes, data parallel, the profile on each: {layout.describe(unit)}; "
+                     f"{plan['micro_batches']:,} passes each")
     if plan["eta_seconds"] is not None:
-        lines.append(f"  time       ~{_duration(plan['eta_seconds'])} ({plan['eta_source']})")
+        scaled = f", {world} GPUs assumed to scale fully (not measured)" if world > 1 else ""
+        lines.append(f"  time       ~{_duration(plan['eta_seconds'])} ({plan['eta_source']}{scaled})")
     else:
         lines.append(f"  time       no measured speed for these settings on the {backend} backend")
     return "\n".join(lines)
@@ -429,13 +448,18 @@ def _duration(seconds: float) -> str:
 
 def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     """Run one training job end to end; returns the run folder (None for a dry run, which only prints the plan)."""
+    echo = distributed.echo_for_rank(echo)  # several processes (--gpus N): rank 0 speaks and writes
     model_path, backend, run = setup_run(profile, options, echo)
-    prepared = prepare_data(profile, options, echo)
+    distributed.rank_zero_writes(run)
+    distributed.barrier()  # every rank has checked the run folder before rank 0 writes into it
+    prepared = distributed.main_first(lambda: prepare_data(profile, options, echo))
     plan = plan_training(profile, options, prepared.train, backend)
     echo(format_plan(profile, plan, backend))
     if options.dry_run:
         return None
-    record, resume_from = start_record(run, profile, options, model_path, backend, prepared.report, plan, echo)
+    record, resume_from = distributed.main_first(
+        lambda: start_record(run, profile, options, model_path, backend, prepared.report, plan, echo),
+        others=lambda: (run.read_record(), run.last_checkpoint() if options.resume else None))
     model, tokenizer = load_model(run, record, backend, model_path, profile, echo)
     with _StopRequest() as stop:
         trainer, run_log, tb_writer = build_trainer(run, record, profile, options, model, tokenizer, prepared, stop,
@@ -447,6 +471,8 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
         echo(f"stopped at step {trainer.state.global_step}; checkpoint saved under {run.checkpoints}. "
              f"Continue with the same command plus --resume --run-name {run.name}")
         return run.path
+    if not distributed.is_main_process():
+        return run.path  # rank 0 records, saves and merges the (identical) trained model
     record_probe(run, record, trainer, tokenizer, echo)
     adapter_dir = save_adapter(run, record, trainer, tokenizer, echo)
     if options.merge:
@@ -519,6 +545,8 @@ def start_record(run: RunFolder, profile: Profile, options: TrainOptions, model_
             raise TrainError(f"--resume: the data or settings differ from the ones {run.path} was started with "
                              f"({changes}). Resuming would mix two runs. Use the same profile, flags and data, "
                              "or --force-resume to continue anyway.")
+        distributed.check_resume_world(record.get("world_size"), distributed.world_size(), options.force_resume,
+                                       run.path)
         resume_from = run.last_checkpoint()
         if resume_from is None:
             raise TrainError(f"--resume: {run.checkpoints} holds no checkpoint yet; start again with --overwrite")
@@ -543,6 +571,7 @@ def start_record(run: RunFolder, profile: Profile, options: TrainOptions, model_
         "data": data_report,
         "plan": plan,
         "padding_fraction": plan["batching"]["padding_fraction"],
+        "world_size": distributed.world_size(),
     })
     run.write_record(record)
     return record, resume_from
@@ -555,6 +584,11 @@ def load_model(run: RunFolder, record: RunRecord, backend: str, model_path: str,
     echo(f"model: loading {model_path} with the {backend} backend "
          f"({'4-bit' if profile.load_in_4bit else 'bf16/fp32'} weights, LoRA r={profile.lora_rank} on "
          f"{profile.lora_targets})")
+    from transformers import set_seed
+
+    # The LoRA init comes from --seed, not from whatever the process drew before: one process and N processes
+    # (whose rank 0 draws differently: torch.distributed's setup, measured) then start from the same adapter.
+    set_seed(record["options"]["seed"])
     t_load = time.perf_counter()
     model, tokenizer, adapters = load_for_training(backend, model_path, profile)
     record["gpu"] = gpu_description()
@@ -582,7 +616,8 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
     args = sft_config(profile, options, run.path, prepared.eval is not None)
     # A resumed run keeps the history it logged before it stopped.
     run_log: dict = {k: record.history(k) for k in ("losses", "eval_losses", "tokens_per_second")}
-    tb_writer = SummaryWriter(log_dir=str(run.tensorboard), flush_secs=10)
+    tb_writer = (SummaryWriter(log_dir=str(run.tensorboard), flush_secs=10) if distributed.is_main_process()
+                 else distributed.SilentWriter())
     trainer = with_batch_sampler(SFTTrainer)(model=model, args=args, train_dataset=prepared.train,
                                              eval_dataset=prepared.eval, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
