@@ -385,9 +385,13 @@ def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning
 @click.option("--plan", "plan_gib", type=click.FloatRange(1), default=None, metavar="GIB",
               help="Tailor a profile to a card of this many GiB (longest rows, then largest batch that fit) and "
                    "estimate it.")
+@click.option("--gpus", type=click.IntRange(1), default=1, show_default=True,
+              help="GPUs of data parallel training (--gpus of train): the estimate is per GPU (the profile on each); "
+                   "the global batch is printed too.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @profile_options
-def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib, as_json, set_values, **flags):
+def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib, gpus, as_json, set_values,
+                 **flags):
     """Predict peak GPU memory of training a profile, part by part, and whether it fits the card.
 
     \b
@@ -416,9 +420,17 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
     with usage_stage():
         results = [est.estimate(p, shape, stack=stack, card_gib=gpu_gib) for p in profiles]
     single = len(profiles) == 1
+    from swft_lite.distributed import Layout
+
+    def per_gpu(p) -> dict:
+        layout = Layout(gpus, p.per_device_batch_size, p.gradient_accumulation_steps)
+        return {"gpus": gpus, "per_gpu": True, "global_batch": layout.global_batch,
+                "global_tokens_per_step": p.tokens_per_step * gpus}
+
     if as_json:
         if single:
-            click.echo(json.dumps({**results[0].to_dict(), "settings": profiles[0].to_dict()}, indent=2))
+            click.echo(json.dumps({**results[0].to_dict(), **per_gpu(profiles[0]), "settings": profiles[0].to_dict()},
+                                  indent=2))
         else:
             click.echo(json.dumps({"estimates": [{**e.to_dict(), "settings": p.to_dict()}
                                                  for e, p in zip(results, profiles)]}, indent=2))
@@ -426,6 +438,11 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
         if plan_gib is not None:
             click.echo(f"plan: {profiles[0].description}")
         click.echo(est.format_estimate(results[0], profiles[0]))
+        if gpus > 1:
+            p = profiles[0]
+            click.echo(f"{gpus} GPUs, data parallel: the estimate above is per GPU (every GPU holds the model and the "
+                       f"profile); {Layout(gpus, p.per_device_batch_size, p.gradient_accumulation_steps).describe()}, "
+                       f"{p.tokens_per_step * gpus:,} tokens a step at full rows")
     else:
         header = ("profile", "card", "rows x seq", "LoRA", "weights", "allocated", "reserved", "limit", "verdict")
         table = [header]

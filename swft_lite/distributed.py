@@ -74,7 +74,8 @@ def barrier() -> None:
 
     # cpu=True on a machine without CUDA: accelerate's default there is a single process (DistributedType.NO, its
     # barrier a no-op, measured under torchrun); the Trainer's use_cpu asks for the same state.
-    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    state.wait_for_everyone()
 
 
 def echo_for_rank(echo):
@@ -131,17 +132,17 @@ def resolve_gpus(spec: int | str, gpus: list, profile) -> tuple[int, str]:
     spec = parse_gpus(spec)
     fitting = [g for g in gpus if card_fits(profile.vram_budget_gib, g.total_gib)]
     if spec == "auto":
-        if len(fitting) <= 1:
+        # Every visible GPU that fits, from cuda:0 on: the processes take cuda:0..N-1 (LOCAL_RANK).
+        n = next((i for i, g in enumerate(gpus) if g not in fitting), len(gpus))
+        if n == 0 and fitting:
+            raise DistributedError(
+                f"--gpus auto: {_card(gpus[0])} does not fit profile {profile.name} ({profile.vram_budget_gib:g} "
+                f"GiB) and {', '.join(_card(g) for g in fitting)} does; make those the visible ones with "
+                f"CUDA_VISIBLE_DEVICES={','.join(str(g.index) for g in fitting)}, or use a smaller profile")
+        if n <= 1:
             return 1, (f"--gpus auto: {len(fitting)} of {len(gpus)} visible GPU(s) fit profile {profile.name} "
                        f"({profile.vram_budget_gib:g} GiB): one process")
-        if len(fitting) < len(gpus):
-            skipped = [g for g in gpus if g not in fitting]
-            raise DistributedError(
-                f"--gpus auto: {len(fitting)} of {len(gpus)} visible GPUs fit profile {profile.name} "
-                f"({profile.vram_budget_gib:g} GiB); {', '.join(_card(g) for g in skipped)} does not. Hide it with "
-                f"CUDA_VISIBLE_DEVICES={','.join(str(g.index) for g in fitting)} (then --gpus {len(fitting)}), or "
-                f"use a smaller profile")
-        spec = len(fitting)
+        spec = n
     n = spec
     if n == 1:
         return 1, "one GPU"
@@ -279,3 +280,34 @@ def finish() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def adjust_training_args(args):
+    """The Trainer's arguments for this process. On CPU (the multi-process tests) accelerate names rank r's device
+    "cpu:r", and the Trainer resumes its optimizer with torch.load(map_location=args.device), which cannot place a
+    tensor on "cpu:1" (measured: "don't know how to restore data location ... cpu:0"); there is one CPU, so every
+    rank's device is "cpu". On GPUs nothing changes (cuda:LOCAL_RANK)."""
+    import torch
+
+    if world_size() > 1 and args.device.type == "cpu":
+        args.__dict__["_setup_devices"] = torch.device("cpu")  # the cached value `args.device` returns
+    return args
+
+
+def gpus_plan(gpus: list, profile) -> dict:
+    """What `--gpus auto` would do on these GPUs with this profile, for `swft-lite detect`: {"gpus": N or None,
+    "sentence": ...}."""
+    if len(gpus) <= 1:
+        return {"gpus": 1 if gpus else None, "sentence": "one GPU: training uses cuda:0"}
+    if profile is None:
+        return {"gpus": None, "sentence": f"{len(gpus)} GPUs, but no profile fits cuda:0"}
+    try:
+        n, _ = resolve_gpus("auto", gpus, profile)
+    except DistributedError as exc:
+        return {"gpus": None, "sentence": str(exc)}
+    if n == 1:
+        return {"gpus": 1, "sentence": f"--gpus auto trains on cuda:0 alone: the other GPUs do not fit profile "
+                                       f"{profile.name}"}
+    layout = Layout(n, profile.per_device_batch_size, profile.gradient_accumulation_steps)
+    return {"gpus": n, "sentence": f"--gpus {n} (or auto) trains on cuda:0-{n - 1}, one process each, profile "
+                                   f"{profile.name} on every GPU: {layout.describe()}"}

@@ -323,7 +323,7 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
     best_at_end = has_eval and options.save_steps % options.eval_steps == 0
     # TensorBoard is attached by train() with its own writer (transformers 5 dropped `logging_dir`).
     report_to = ["wandb"] if options.wandb else []
-    return SFTConfig(
+    return distributed.adjust_training_args(SFTConfig(
         output_dir=str(RunFolder(run_dir).checkpoints),
         report_to=report_to,
         run_name=run_dir.name,
@@ -364,7 +364,7 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         **distributed.ddp_settings(),
-    )
+    ))
 
 
 def plan_training(profile: Profile, options: TrainOptions, train_dataset, backend: str) -> dict:
