@@ -209,14 +209,18 @@ class Layout:
 def ddp_settings() -> dict:
     """The Trainer's DDP arguments (an empty dict in a single process).
 
-    find_unused_parameters=True, on purpose. A gpt-oss router sends each token to 4 of 32 experts; an expert that
-    no token of a rank's micro-batch reached takes no part in that rank's backward. Under the hf backend the
-    experts are one fused tensor (PEFT's target_parameters LoRA on it), which some expert always touches, but
-    Unsloth's per-expert paths and a LoRA on per-expert layers leave parameters without a gradient on a rank, and
-    DDP without find_unused_parameters then stops with "Expected to have finished reduction in the prior
-    iteration". The Trainer's own default (False whenever gradient checkpointing is on) was written for reentrant
-    checkpointing, which find_unused_parameters breaks; swft-lite checkpoints non-reentrantly (backends.load_hf,
-    and Unsloth's offloaded mode), which works with it. Its cost is one traversal of the autograd graph a step.
+    find_unused_parameters=True, on purpose. A gpt-oss router sends each token to 4 of 32 experts; a parameter that
+    takes no part in a rank's backward (an expert no token of that micro-batch reached, where experts are separate
+    modules) makes DDP without it stop with "Expected to have finished reduction in the prior iteration". DDP tracks
+    only what trains - the LoRA tensors. Measured on CPU (tiny gpt-oss, hf backend, 2 processes over gloo, LoRA on
+    attention + experts): DDP found no unused parameter (its warning says so), and with False the run trained the
+    same adapter (relative difference 0): PEFT's expert LoRA spans the fused expert tensor, which some expert always
+    uses. Under Unsloth (its own gpt-oss MoE paths) this was not measured - no multi-GPU machine was lent - so the
+    flag stays on for both backends; its cost is one walk of the autograd graph a step. The Trainer's own default
+    (False whenever gradient checkpointing is on) guards reentrant checkpointing, which find_unused_parameters
+    breaks; the hf backend checkpoints non-reentrantly (backends.load_hf, use_reentrant=False), which works with it
+    (the measurement above ran with it on). Unsloth's checkpointing is its own autograd function; whether it and
+    find_unused_parameters agree under DDP is the first thing scripts/bench_gpus.py shows on two GPUs.
     """
     if world_size() <= 1:
         return {}
