@@ -168,46 +168,52 @@ def test_estimate_per_gpu_with_the_global_batch():
 
 
 def test_budget_batches_are_sharded_per_rank_as_one_process_would_take_them():
-    """with_batch_sampler's DataLoader goes through accelerator.prepare, which wraps its batch sampler in
-    accelerate's BatchSamplerShard (batch sizes vary: it shards whole batches, round-robin). Run that real path for
-    2 ranks: each optimizer step's passes are disjoint across ranks and together are the passes one process with
-    twice the accumulation takes in that step; the per-epoch shuffle (set_epoch, reached the way the Trainer reaches
-    it) changes the order on every rank alike."""
+    """with_batch_sampler's DataLoader goes through the Trainer's accelerator.prepare, which wraps any batch sampler
+    in accelerate's BatchSamplerShard; alone, that shards whole batches round-robin and repeats the epoch's first
+    batches on the ranks left short. Through the real prepare (accelerate's prepare_data_loader for 2 ranks): each
+    optimizer step's passes are disjoint across ranks and together are the passes one process with twice the
+    accumulation takes in that step; nothing is trained twice - the short rank's last pass is a filler with no
+    trained token; the per-epoch shuffle (set_epoch, reached as the Trainer reaches it) is the same on every rank."""
     import random
 
+    import datasets
     from accelerate.data_loader import prepare_data_loader
-    from torch.utils.data import DataLoader
+
+    from swft_lite.batching import IGNORE, prepare_batch_loader
 
     rng = random.Random(7)
-    lengths = [rng.randint(20, 400) for _ in range(201)]
+    lengths = [rng.randint(20, 400) for _ in range(205)]
+    rows = datasets.Dataset.from_dict({"input_ids": [[5] * n for n in lengths], "labels": [[5] * n for n in lengths]})
     batches = budget_batches(lengths, 1024, seed=3)
-    assert len(set(map(len, batches))) > 1  # batch sizes really vary
+    assert len(set(map(len, batches))) > 1 and len(batches) % 2 == 1  # sizes vary; the last round is short
     world, accum = 2, 2
 
-    def rank_batches(rank: int, epoch: int) -> list[list[int]]:
+    def rank_batches(rank: int, epoch: int) -> list[list[dict]]:
         sampler = EpochBatchSampler(batches, seed=3)
-        loader = DataLoader(list(range(len(lengths))), batch_sampler=sampler, collate_fn=lambda rows: rows)
-        prepared = prepare_data_loader(loader, num_processes=world, process_index=rank)
-        prepared.set_epoch(epoch)
-        prepared.batch_sampler.batch_sampler.set_epoch(epoch)  # what transformers' Trainer does for a wrapped one
-        return list(prepared)
+        loader = prepare_batch_loader(lambda dl: prepare_data_loader(dl, num_processes=world, process_index=rank),
+                                      rows, sampler, lambda features: features, world, rank)
+        loader.set_epoch(epoch)
+        loader.batch_sampler.batch_sampler.set_epoch(epoch)  # what transformers' Trainer does for a wrapped one
+        return list(loader)
+
+    def ids(features) -> tuple:  # rows are told apart by length here
+        return tuple(sorted(len(f["input_ids"]) for f in features))
 
     for epoch in (0, 1):
-        single = [list(batches[b]) for b in EpochBatchSampler(batches, seed=3).order(epoch)]
+        single = [[{"input_ids": [5] * lengths[i]} for i in batches[b]]
+                  for b in EpochBatchSampler(batches, seed=3).order(epoch)]
         ranks = [rank_batches(r, epoch) for r in range(world)]
         assert len(ranks[0]) == len(ranks[1]) == -(-len(batches) // world)  # same number of passes: DDP in step
-        full_rounds = len(batches) // world
-        for step in range(full_rounds // accum):
+        steps = -(-len(ranks[0]) // accum)
+        for step in range(steps):
             together = [b for r in ranks for b in r[step * accum:(step + 1) * accum]]
+            trained = [b for b in together if any(label != IGNORE for f in b for label in f["labels"])]
             expected = single[step * accum * world:(step + 1) * accum * world]
-            assert sorted(map(tuple, together)) == sorted(map(tuple, expected))
-            rows = [i for b in together for i in b]
-            assert len(rows) == len(set(rows))  # disjoint across ranks
-        # the last round, when the passes do not divide evenly, repeats the epoch's first passes on the ranks left
-        # without one (accelerate's even_batches): at most world - 1 passes an epoch are trained twice
-        trained = [tuple(b) for r in ranks for b in r]
-        assert len(trained) - len(set(trained)) == (-len(batches)) % world
-    assert rank_batches(0, 0) != rank_batches(0, 1)
+            assert sorted(map(ids, trained)) == sorted(map(ids, expected))
+        fillers = [b for r in ranks for b in r if all(label == IGNORE for f in b for label in f["labels"])]
+        assert len(fillers) == (-len(batches)) % world == 1 and len(fillers[0]) == 1
+        assert len(fillers[0][0]["input_ids"]) == min(lengths)  # the cheapest pass
+    assert [ids(b) for b in rank_batches(0, 0)] != [ids(b) for b in rank_batches(0, 1)]
 
 
 # --- the engine: 2 processes vs 1, the same global batch -------------------------------------------------------------
@@ -256,7 +262,11 @@ def runs(tmp_path_factory, gpt_oss_files):
     cli = [sys.executable, "-m", "swft_lite.cli", "train"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                 "-m", "swft_lite.cli", "train"]
+    budget = ["--token-budget", "180", "--max-seq-length", "128"]  # 3 passes of 1-2 rows: the last round is short
     outputs = {
+        "budget-two": _run([*torchrun, *common, *budget, "--gradient-accumulation-steps", "1",
+                            "--run-name", "budget-two"]),
+        "budget-one": _run([*cli, *common, *budget, "--gradient-accumulation-steps", "2", "--run-name", "budget-one"]),
         "two": _run([*torchrun, *common, "--gradient-accumulation-steps", "1", "--run-name", "two"]),
         "one": _run([*cli, *common, "--gradient-accumulation-steps", "2", "--run-name", "one"]),
         "half": _run([*cli, *common, "--gradient-accumulation-steps", "1", "--run-name", "half"]),
@@ -274,6 +284,11 @@ def test_two_processes_train_the_adapter_one_process_trains_on_the_same_global_b
     assert difference <= 1e-4
     # and the comparison can tell: one process on half the global batch trains a different adapter
     assert _relative_difference(half, one) > 1e-2
+    # token-budget batches, 3 passes on 2 processes: the second step is one real pass and one filler pass
+    assert "3 passes an epoch" in out["budget-two"]
+    budget_difference = _relative_difference(_adapter(root / "budget-two"), _adapter(root / "budget-one"))
+    print(f"token budget, 3 passes: 2 processes vs 1 process x accum 2: max relative difference {budget_difference:.3g}")
+    assert budget_difference <= 1e-4
     record = json.loads((root / "two" / "run.json").read_text())
     assert record["world_size"] == 2 and record["status"] == "finished" and record["global_step"] == 2
     assert record["plan"]["global_batch"] == 2
