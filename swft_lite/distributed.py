@@ -64,18 +64,32 @@ def is_main_process(env=None) -> bool:
     return rank(env) == 0
 
 
-def barrier() -> None:
-    """Wait for every rank (a no-op in a single process). accelerate's state starts the process group the Trainer
-    then reuses (gloo on CPU, nccl on GPUs)."""
-    if world_size() <= 1:
-        return
+def _state():
+    """accelerate's state, which starts the process group the Trainer then reuses (gloo on CPU, nccl on GPUs).
+    cpu=True on a machine without CUDA: accelerate's default there is a single process (DistributedType.NO, its
+    barrier a no-op - measured under torchrun); the Trainer's use_cpu asks for the same state."""
     import torch
     from accelerate import PartialState
 
-    # cpu=True on a machine without CUDA: accelerate's default there is a single process (DistributedType.NO, its
-    # barrier a no-op, measured under torchrun); the Trainer's use_cpu asks for the same state.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    state.wait_for_everyone()
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if world_size() > 1:
+        _state().wait_for_everyone()
+
+
+def from_rank_zero(value):
+    """Rank 0's `value` on every rank (a picklable object; itself in a single process)."""
+    if world_size() <= 1:
+        return value
+    import torch.distributed as dist
+
+    _state()
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def echo_for_rank(echo):

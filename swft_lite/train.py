@@ -500,7 +500,8 @@ def setup_run(profile: Profile, options: TrainOptions, echo) -> tuple[str, str, 
         backend = choose_backend(options.backend)
     if backend == "unsloth" and not options.dry_run:
         import_unsloth()  # before the data step imports transformers
-    run_dir = options.run_dir(profile)
+    # Without --run-name the folder is named by the time: every process takes rank 0's name.
+    run_dir = Path(distributed.from_rank_zero(str(options.run_dir(profile))))
     if options.resume and options.run_name is None:
         raise TrainError("--resume needs the run to continue: --run-name NAME (a folder under "
                          f"{options.output_root}/)")

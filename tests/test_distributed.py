@@ -267,10 +267,14 @@ def runs(tmp_path_factory, gpt_oss_files):
         "budget-two": _run([*torchrun, *common, *budget, "--gradient-accumulation-steps", "1",
                             "--run-name", "budget-two"]),
         "budget-one": _run([*cli, *common, *budget, "--gradient-accumulation-steps", "2", "--run-name", "budget-one"]),
-        "two": _run([*torchrun, *common, "--gradient-accumulation-steps", "1", "--run-name", "two"]),
+        # no --run-name: the folder is named by the time, and both processes must take rank 0's
+        "two": _run([*torchrun, *common, "--gradient-accumulation-steps", "1"]),
         "one": _run([*cli, *common, "--gradient-accumulation-steps", "2", "--run-name", "one"]),
         "half": _run([*cli, *common, "--gradient-accumulation-steps", "1", "--run-name", "half"]),
     }
+    made = list(root.glob("rtx4070-*"))
+    assert len(made) == 1, made  # one run folder for the two processes
+    made[0].rename(root / "two")
     return root, model, data, outputs
 
 
