@@ -5,12 +5,15 @@
     python scripts/bench.py h100:load_in_4bit=true plan-20     extra variants: PROFILE:key=value,... or plan-GIB
     python scripts/bench.py --backends raw                     the same configs through raw Unsloth
     python scripts/bench.py --layers 2 --steps 3               a quick smoke test on a 2-layer model
+    python scripts/bench.py h100@exact h100@variable           one profile on full rows and on real-length chats
 
 What it does, in one command (keep it under the device's 10-minute limit: --time-budget, default 540 s):
 1. builds the full gpt-oss-20b architecture with random bf16 weights directly on the GPU and saves it as ONE
    safetensors file (default /tmp/gptoss-full, ~42 GB; kept and reused when it is already there);
 2. writes synthetic chat rows whose rendered length is within 1 % below each profile's max_seq_length
-   (scripts/make_synthetic_data.py), so a "4096-token" run trains ~4096 tokens per row;
+   (scripts/make_synthetic_data.py), so a "4096-token" run trains ~4096 tokens per row - and, for a config asked
+   for with "@variable" (or every config with --data-kinds exact,variable), chats whose lengths vary as a real
+   SFT set's do (make_synthetic_data.py --variable: median ~28 % of max_seq_length): what users' data costs;
 3. runs every config in a fresh subprocess (`--one`) that caps the CUDA caching allocator at the profile's
    headroom limit (torch.cuda.set_per_process_memory_fraction before any CUDA allocation: 14.5 GiB for a 16 GB
    profile, 22.5 for 24 GB, 76 for 80 GB), so a profile that passes here cannot exceed that on the real card, then
@@ -65,6 +68,8 @@ from swft_lite.run_folder import RunFolder  # noqa: E402
 GIB = 1024**3
 SOURCE = "scripts/bench.py"
 DEFAULT_PROFILES = ["rtx4070", "rtx4090", "h100"]   # rtx3090 has rtx4090's settings: run once
+DATA_KINDS = ("exact", "variable")
+VARIABLE_ROWS = 400  # real-length chats per data file: enough for a few packed steps of any profile
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "UNSLOTH_DISABLE_STATISTICS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -93,10 +98,12 @@ class Config:
     cap_gib: float              # memory cap = headroom limit of the profile's card
     run: bool = True
     reason: str = ""            # why it is skipped
+    data_kind: str = "exact"    # exact: every row ~max_seq_length tokens; variable: real-length chats
 
     @property
     def key(self) -> str:
-        return f"{self.label}-{self.backend}".replace(":", "_").replace("=", "-").replace(",", "_")
+        return (f"{self.label}-{self.backend}-{self.data_kind}".replace(":", "_").replace("=", "-")
+                .replace(",", "_").replace("@", "-"))
 
     @property
     def tokens_per_step(self) -> int:
@@ -117,23 +124,30 @@ def resolve_spec(spec: str) -> Profile:
 
 
 def plan_configs(args, shape: est.ModelShape) -> list[Config]:
-    specs = list(args.profiles or DEFAULT_PROFILES) + list(args.variants)
+    kinds = [k.strip() for k in args.data_kinds.split(",") if k.strip()]
+    specs = []
+    for spec in list(args.profiles or DEFAULT_PROFILES) + list(args.variants):
+        name, _, kind = spec.partition("@")
+        specs += [(name, kind)] if kind else [(name, k) for k in kinds]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     configs, raw, hf = [], [], []
-    for spec in specs:
+    for spec, kind in specs:
+        if kind not in DATA_KINDS:
+            raise SystemExit(f"bench: {spec}@{kind}: data kind must be one of {', '.join(DATA_KINDS)}")
         profile = resolve_spec(spec)
         if args.max_accum and profile.gradient_accumulation_steps > args.max_accum:
             profile = dataclasses.replace(profile, gradient_accumulation_steps=args.max_accum)
         cap = est.headroom_limit(profile.vram_budget_gib)
         if "unsloth" in backends:
             e = est.estimate(profile, shape, stack="unsloth")
-            configs.append(Config(spec, profile, "unsloth", args.steps, e, cap))
+            configs.append(Config(spec, profile, "unsloth", args.steps, e, cap, data_kind=kind))
         if "raw" in backends:
-            raw.append(Config(spec, profile, "raw", args.steps, est.estimate(profile, shape, stack="unsloth"), cap))
+            raw.append(Config(spec, profile, "raw", args.steps, est.estimate(profile, shape, stack="unsloth"), cap,
+                              data_kind=kind))
         if "hf" not in backends:
             continue
         e_hf = est.estimate(profile, shape, stack="hf")
-        c = Config(spec, profile, "hf", args.hf_steps, e_hf, cap)
+        c = Config(spec, profile, "hf", args.hf_steps, e_hf, cap, data_kind=kind)
         # "Where it fits": the estimated allocations fit the cap (hf's reserved-memory estimate extrapolates a
         # large fragmentation gap from two measurements; the cap turns a wrong guess into an "oom" record).
         if e_hf.total_gib > cap:
@@ -199,6 +213,7 @@ def run_one(args) -> int:
         "trainable_params": (record.get("adapters") or {}).get("trainable"),
         "rows": train_split.get("kept"), "tokens_total": train_split.get("tokens_total"),
         "losses": [x["loss"] for x in record.get("losses", [])], "packages": record.get("packages"),
+        "padding_fraction": record.get("padding_fraction"),
         "run_dir": str(run_dir),
     })
     if result["status"] == "oom" and result.get("peak_allocated_gib") is None:
@@ -383,14 +398,19 @@ def make_record(c: Config, res: dict, shape: est.ModelShape, args) -> dict:
     tps = res.get("tokens_per_second")
     measured = {"peak_allocated_gib": res.get("peak_allocated_gib"), "peak_reserved_gib": res.get("peak_reserved_gib")}
     e = est.estimate(p, shape, stack=ESTIMATE_STACK[c.backend], tokens=per_row * p.per_device_batch_size)
+    variable = c.data_kind == "variable"
     return {
+        "data_kind": c.data_kind, "token_budget": p.token_budget, "packing": p.packing,
+        "padding_fraction": res.get("padding_fraction"),
+        # rows of varying length: a pass's tokens vary, so the record cannot calibrate the memory estimate
+        **({"calibrates": False, "why_not": "variable-length rows"} if variable else {}),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "gpu": res.get("gpu") or args.gpu_name,
         "stack": RECORD_STACK[c.backend], "model": shape.to_record(), "four_bit": p.load_in_4bit,
         "targets": p.lora_targets,
         "rank": p.lora_rank, "seq": per_row, "batch": p.per_device_batch_size,
         "grad_accum": p.gradient_accumulation_steps, "tokens_per_step": tokens_per_step, **measured,
         "tokens_per_second": None if tps is None else round(tps, 1),
-        "step_seconds": None if not tps else round(tokens_per_step / tps, 3),
+        "step_seconds": None if not tps or variable else round(tokens_per_step / tps, 3),
         "optimizer": p.optimizer,
         # the hf backend recomputes with plain (non-reentrant) checkpointing whenever the profile asks for any
         "gradient_checkpointing": ("true" if c.backend == "hf" and p.gradient_checkpointing == "unsloth"
@@ -442,7 +462,8 @@ def table(records: list[dict]) -> str:
     for r in records:
         m = r.get("model", {})
         settings = (f"L{m.get('layers')} {'4-bit' if r['four_bit'] else 'bf16'} r{r['rank']} {r['targets']}, "
-                    f"{r['batch']}x{r['seq']}" + (f" x{r['grad_accum']}" if r.get("grad_accum", 1) > 1 else ""))
+                    f"{r['batch']}x{r['seq']}" + (f" x{r['grad_accum']}" if r.get("grad_accum", 1) > 1 else "")
+                    + batching_note(r))
         alloc, res = r.get("peak_allocated_gib"), r.get("peak_reserved_gib")
         ea, er = r.get("estimate_allocated_gib"), r.get("estimate_reserved_gib")
         if r.get("status", "ok") == "ok" and r["stack"] in RECORD_STACK.values():
@@ -462,12 +483,41 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def batching_note(r: dict) -> str:
+    mode = (f", packed {r['token_budget']}" if r.get("packing") else
+            f", budget {r['token_budget']}" if r.get("token_budget") else "")
+    return mode + (", real-length chats (seq = mean)" if r.get("data_kind") == "variable" else "")
+
+
+def real_data_table(records: list[dict]) -> str:
+    """Each config on real-length chats against the same config on full rows (newest run of each, same call)."""
+    newest: dict[tuple[str, str, str], dict] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("tokens_per_second") and r.get("source") == SOURCE:
+            newest[(r.get("profile"), r["stack"], r.get("data_kind", "exact"))] = r
+    lines = ["| config | stack | full rows tokens/s | real-length chats tokens/s | ratio | padding | "
+             "peak alloc (reserved) GiB, chats | limit GiB | date |", "|---|---|---|---|---|---|---|---|---|"]
+    for (label, stack, kind), var in newest.items():
+        if kind != "variable":
+            continue
+        full = newest.get((label, stack, "exact"))
+        pad = var.get("padding_fraction")
+        lines.append(f"| {label} | {stack} | {_fmt(full and full['tokens_per_second'], '.0f')} | "
+                     f"{var['tokens_per_second']:.0f} | "
+                     f"{_fmt(full and var['tokens_per_second'] / full['tokens_per_second'], '.2f')} | "
+                     f"{'-' if pad is None else f'{100 * pad:.1f} %'} | {_fmt(var.get('peak_allocated_gib'), '.2f')} "
+                     f"({_fmt(var.get('peak_reserved_gib'), '.2f')}) | {_fmt(var.get('headroom_limit_gib'), 'g')} | "
+                     f"{var['date']} |")
+    return "\n".join(lines)
+
+
 def comparisons(records: list[dict]) -> str:
     """swft-lite's Unsloth path against raw Unsloth and against the hf backend, config by config (same label, same
     settings), from the newest record of each (label, stack) that ran."""
     newest: dict[tuple[str, str], dict] = {}
     for r in records:
-        if r.get("status") == "ok" and r.get("tokens_per_second") and r.get("source") == SOURCE:
+        if (r.get("status") == "ok" and r.get("tokens_per_second") and r.get("source") == SOURCE
+                and r.get("data_kind", "exact") == "exact"):
             newest[(r.get("profile"), r["stack"])] = r
     lines = ["| config | swft-lite tokens/s | raw Unsloth tokens/s | swft-lite / raw | hf tokens/s | "
              "swft-lite / hf |", "|---|---|---|---|---|---|"]
@@ -526,6 +576,9 @@ def markdown(all_records: list[dict], new: list[dict]) -> str:
         "Each profile at its own settings on the full gpt-oss-20b shape, with GPU memory capped at its card's "
         "headroom limit (newest matching run).", "", profiles_table(all_records), "",
         f"## Latest run ({new[0]['date'] if new else '-'}, {gpu})", "", table(new) if new else "(none)", "",
+        "## Real-length chats against full rows (same config, newest run of each)", "",
+        "Chats whose lengths vary as a real SFT set's (`make_synthetic_data.py --variable`) against rows of "
+        "~max_seq_length tokens; tokens/s counts real tokens.", "", real_data_table(all_records), "",
         "## swft-lite against raw Unsloth and the hf backend (same settings, newest run of each)", "",
         comparisons(all_records), "",
         "## All records", "", table(list(reversed(all_records))), "",
@@ -540,11 +593,12 @@ def dry_run(configs: list[Config], args, shape: est.ModelShape) -> int:
     print(f"model: {shape.describe()} -> {model_dir} "
           f"({'exists, reused' if built else f'built first, ~{BUILD_SECONDS[not args.layers]} s'})")
     print(f"tokenizer files from: {args.tokenizer_dir}")
-    seqs = sorted({c.profile.max_seq_length for c in configs if c.run})
-    for s in seqs:
-        rows = data_rows(configs, s)
-        print(f"data: {rows} rows of ~{s} tokens -> {Path(args.work) / f'data-{s}.jsonl'} "
-              f"(scripts/make_synthetic_data.py --rows {rows} --tokens {s}, while the model is built)")
+    seqs = data_files(configs)
+    for s, kind in seqs:
+        rows = data_rows(configs, s, kind)
+        what = f"rows of ~{s} tokens" if kind == "exact" else f"chats of varying length up to {s} tokens"
+        print(f"data: {rows} {what} -> {Path(args.work) / data_name(s, kind)} (scripts/make_synthetic_data.py "
+              f"--rows {rows} --tokens {s}{' --variable' if kind == 'variable' else ''}, while the model is built)")
     print(f"memory fraction on a {args.gpu_gib:g} GiB card = cap / card; MFU basis {args.peak_tflops:g} TFLOP/s\n")
     head = ("#", "config", "stack", "settings", "tokens/step", "estimate alloc (reserved) GiB", "cap GiB",
             "memory fraction", "steps", "~s", "plan")
@@ -560,7 +614,7 @@ def dry_run(configs: list[Config], args, shape: est.ModelShape) -> int:
             plan = "run" if c.run else f"skip: {c.reason}"
         if c.run:
             spent += secs
-        rows_out.append((str(i), c.label, c.backend,
+        rows_out.append((str(i), f"{c.label}@{c.data_kind}", c.backend,
                          f"{'4-bit' if p.load_in_4bit else 'bf16'} r{p.lora_rank} {p.lora_targets} "
                          f"{p.per_device_batch_size}x{p.max_seq_length} x{p.gradient_accumulation_steps}",
                          str(c.tokens_per_step), f"{c.estimate.total_gib:.1f} ({c.estimate.reserved_gib:.1f})",
@@ -576,9 +630,19 @@ def dry_run(configs: list[Config], args, shape: est.ModelShape) -> int:
     return 0
 
 
-def data_rows(configs: list[Config], seq: int) -> int:
+def data_files(configs: list[Config]) -> list[tuple[int, str]]:
+    return sorted({(c.profile.max_seq_length, c.data_kind) for c in configs if c.run})
+
+
+def data_name(seq: int, kind: str) -> str:
+    return f"data-{seq}.jsonl" if kind == "exact" else f"chats-{seq}.jsonl"
+
+
+def data_rows(configs: list[Config], seq: int, kind: str = "exact") -> int:
+    if kind == "variable":
+        return VARIABLE_ROWS
     need = [c.steps * c.profile.per_device_batch_size * c.profile.gradient_accumulation_steps
-            for c in configs if c.run and c.profile.max_seq_length == seq]
+            for c in configs if c.run and c.profile.max_seq_length == seq and c.data_kind == kind]
     return max(need) + 4 if need else 0
 
 
@@ -615,18 +679,18 @@ def main_parent(args) -> int:
                 print(f"bench: refit failed: {exc}")
         return code
 
-    # 1. Data (CPU), one file per distinct max_seq_length, generated while the model is built (GPU + disk).
-    data: dict[int, Path] = {}
+    # 1. Data (CPU), one file per distinct (max_seq_length, kind), generated while the model is built (GPU + disk).
+    data: dict[tuple[int, str], Path] = {}
     pending = []
-    for seq in sorted({c.profile.max_seq_length for c in configs if c.run}):
-        f = work / f"data-{seq}.jsonl"
-        rows = data_rows(configs, seq)
-        data[seq] = f
+    for seq, kind in data_files(configs):
+        f = work / data_name(seq, kind)
+        rows = data_rows(configs, seq, kind)
+        data[seq, kind] = f
         if f.exists() and sum(1 for _ in f.open()) >= rows:
             continue
         cmd = [sys.executable, str(REPO / "scripts" / "make_synthetic_data.py"), "--rows", str(rows),
-               "--tokens", str(seq), "--out", str(f)]
-        pending.append((seq, f, start_child(cmd, logs / f"data-{seq}.log"), time.monotonic()))
+               "--tokens", str(seq), "--out", str(f)] + (["--variable"] if kind == "variable" else [])
+        pending.append((f.stem, f, start_child(cmd, logs / f"{f.stem}.log"), time.monotonic()))
 
     # 2. The model.
     if not (model_dir / ".complete").exists():
@@ -644,10 +708,10 @@ def main_parent(args) -> int:
     else:
         print(f"bench: reusing {model_dir}")
     shape = est.load_shape(model_dir)  # the records carry the shape that was actually built
-    for seq, f, proc, t0 in pending:
+    for stem, f, proc, t0 in pending:
         rc = wait_child(proc, clock.left - 30)
-        log = logs / f"data-{seq}.log"
-        print(f"bench: data {seq}: rc={rc} in {time.monotonic() - t0:.0f} s: {tail(log, 1)}")
+        log = logs / f"{stem}.log"
+        print(f"bench: {stem}: rc={rc} in {time.monotonic() - t0:.0f} s: {tail(log, 1)}")
         if rc != 0:
             print(tail(log))
             return finish(1)
@@ -668,7 +732,7 @@ def main_parent(args) -> int:
         result_file.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--one", "--label", c.label, "--backend", c.backend,
                "--profile-json", json.dumps(c.profile.to_dict()), "--cap-gib", str(c.cap_gib),
-               "--model", str(model_dir), "--data", str(data[c.profile.max_seq_length]), "--steps", str(c.steps),
+               "--model", str(model_dir), "--data", str(data[c.profile.max_seq_length, c.data_kind]), "--steps", str(c.steps),
                "--output-root", str(work / "runs"), "--run-name", c.key, "--result", str(result_file)]
         rc, secs = child(cmd, logs / f"{c.key}.log", clock.left - 15)
         res = _read_json(result_file) or {"status": "timeout" if rc is None else "error",
@@ -692,6 +756,9 @@ def parse_args(argv=None):
     ap.add_argument("--profiles", nargs="*", default=None, metavar="CONFIG",
                     help=f"the main set (default: {' '.join(DEFAULT_PROFILES)})")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; build, run and write nothing")
+    ap.add_argument("--data-kinds", default="exact,variable",
+                    help="data of each config without @KIND: exact (rows of ~max_seq_length tokens), variable "
+                         "(real-length chats), or both (default)")
     ap.add_argument("--layers", type=int, default=None, help="reduced-depth model (smoke test)")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per unsloth run (logged every step)")
     ap.add_argument("--hf-steps", type=int, default=3, help="optimizer steps per hf run (slower stack)")

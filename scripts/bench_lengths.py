@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
-import statistics
 import subprocess
 import sys
 import time
@@ -31,34 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-MEDIAN, SIGMA, CAP, FLOOR = 2300, 0.72, 8000, 300  # exp(1.2816 * 0.72) ~ 2.52: p10 ~ 910, p90 ~ 5,800
-
-
 def make_variable(out: Path, rows: int, seed: int) -> dict:
-    from make_synthetic_data import make_row, rendered_length
+    from make_synthetic_data import write_variable_rows
 
-    from swft_lite.data import DataOptions
-
-    options = DataOptions(max_seq_length=CAP + 200)
-    g = random.Random(seed)
-    probe = make_row(random.Random(1), 1000)
-    per_word = rendered_length(probe, options) / 1000  # tokens per word of these rows, incl. the fixed parts
-    lengths = []
-    with out.open("w") as fh:
-        for i in range(rows):
-            target = min(CAP, max(FLOOR, int(g.lognormvariate(math.log(MEDIAN), SIGMA))))
-            words = max(8, int(target / per_word))
-            row = make_row(random.Random(seed * 100003 + i), words)
-            n = rendered_length(row, options)
-            while n > CAP:
-                words = int(words * 0.97)
-                row = make_row(random.Random(seed * 100003 + i), words)
-                n = rendered_length(row, options)
-            fh.write(json.dumps(row) + "\n")
-            lengths.append(n)
-    q = statistics.quantiles(lengths, n=10)
-    return {"rows": rows, "median": statistics.median(lengths), "mean": round(statistics.mean(lengths)),
-            "p10": q[0], "p90": q[-1], "max": max(lengths), "min": min(lengths)}
+    return write_variable_rows(out, rows, 8192, seed)
 
 
 def cmd_data(args) -> int:

@@ -9,6 +9,9 @@ tar xzf .device/pack/llamacpp.tgz -C /tmp
 if ls .device/whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl
 fi
+# Optional: llama-cpp-python built elsewhere (its Python package and libraries, + diskcache), e.g. for the GGUF
+# figures of scripts/chat_eval_gpu.py; its libraries must suit this machine's glibc and CPU.
+if [ -f .device/llama_cpp_cpu.tgz ]; then tar xzf .device/llama_cpp_cpu.tgz -C /tmp/site; fi
 if [ -f .device/gpt-oss-20b/tokenizer.json.gz ] && [ ! -f .device/gpt-oss-20b/tokenizer.json ]; then
   gunzip -k .device/gpt-oss-20b/tokenizer.json.gz
 fi

@@ -15,6 +15,7 @@ every MoE layer through PEFT `target_parameters` on the fused `mlp.experts.gate_
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 from swft_lite.distributed import local_rank, world_size
@@ -39,7 +40,13 @@ def choose_backend(requested: str) -> str:
 
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "auto":
-        return "unsloth" if cuda_available() and has_unsloth else "hf"
+        if cuda_available() and has_unsloth:
+            return "unsloth"
+        why = ("no CUDA GPU is visible" if not cuda_available() else
+               "Unsloth is not installed (pip install 'swft-lite[unsloth]')")
+        print(f"backend: auto -> hf (transformers + PEFT): {why}; the unsloth backend needs both a CUDA GPU and "
+              "Unsloth", file=sys.stderr)
+        return "hf"
     if requested == "unsloth":
         if not cuda_available():
             raise BackendError("the unsloth backend needs a CUDA GPU and none is visible here; "

@@ -67,6 +67,11 @@ def field_option(cls, name: str, *, help: str | None = None):  # noqa: A002 - cl
     kwargs = {"default": f.default, "show_default": True, "help": help or meta.get("help")}
     if meta.get("choices"):
         kwargs["type"] = click.Choice(list(meta["choices"]))
+    elif meta.get("min") is not None:
+        kind = meta.get("type") or type(f.default)
+        kwargs["type"] = (click.FloatRange if kind is float else click.IntRange)(meta["min"])
+    elif meta.get("type"):
+        kwargs["type"] = meta["type"]
     return click.option("--" + name.replace("_", "-"), **kwargs)
 
 
@@ -210,8 +215,10 @@ def profiles_show(profile_ref, as_json, set_values, **flags):
               help="Checkpoint every N steps (and always when stopped with Ctrl-C).")
 @click.option("--save-total-limit", type=click.IntRange(1), default=3, show_default=True,
               help="Keep the last K checkpoints.")
-@click.option("--early-stopping-patience", type=click.IntRange(1), default=None,
-              help="Stop when eval loss has not improved for N evaluations (needs eval data).")
+@field_option(TrainOptions, "eval_generate")
+@field_option(TrainOptions, "eval_max_new_tokens")
+@field_option(TrainOptions, "early_stopping_metric")
+@field_option(TrainOptions, "early_stopping_patience")
 @field_option(TrainOptions, "mask")
 @field_option(TrainOptions, "overlong")
 @field_option(TrainOptions, "reasoning_effort")
@@ -238,7 +245,8 @@ def train_cmd(profile_ref, set_values, **kwargs):
       adapter/      the LoRA adapter, tokenizer and chat template
       merged/       base + adapter as bf16 safetensors, checked against the trained model
       checkpoints/  the last --save-total-limit checkpoints
-      tensorboard/  loss, learning rate, grad norm, tokens/s, memory  (tensorboard --logdir output)
+      tensorboard/  loss, learning rate, grad norm, tokens/s, memory, eval loss and --eval-generate metrics
+                    (tensorboard --logdir output)
       run.json      settings, versions, GPU, data hashes, losses, memory, speed
 
     \b
@@ -257,7 +265,8 @@ def train_cmd(profile_ref, set_values, **kwargs):
     try:
         run_dir = train(profile, options, echo=click.echo)
     except KeyboardInterrupt:
-        fail("aborted; the run folder keeps the last saved checkpoint", code=130)
+        # Before the run folder exists (the data step); once it does, train() turns Ctrl-C into TrainInterrupted.
+        fail("interrupted before training started; nothing was trained", code=130)
     from swft_lite import distributed
 
     distributed.finish()
@@ -335,8 +344,9 @@ def data_group():
 
 @data_group.command("check")
 @click.argument("path", metavar="FILE")
-@click.option("--profile", "profile_ref", default="rtx4090", show_default=True,
-              help="Profile whose max_seq_length rows are measured against.")
+@click.option("--profile", "profile_ref", default=None,
+              help="Profile whose max_seq_length rows are measured against (default: the one `train` would use "
+                   "here, the profile `detect` recommends; rtx4090 where no GPU is visible).")
 @click.option("--max-seq-length", type=int, default=None, help="Override the profile's max_seq_length.")
 @field_option(DataOptions, "mask")
 @field_option(DataOptions, "overlong", help="What training does with rows longer than max_seq_length.")
@@ -354,12 +364,20 @@ def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning
     """
     from swft_lite import data as data_mod
 
+    source = "profile {}"
+    if profile_ref is None:  # what `train` without --profile would use: the same max_seq_length
+        from swft_lite import hardware
+
+        profile_ref, _ = hardware.recommended_profile_name()
+        source = "profile {} (recommended for this machine, as `train` would use)"
+        if profile_ref is None:
+            profile_ref, source = "rtx4090", "profile {} (no GPU visible to pick one; pass --profile)"
     profile = resolve_profile(profile_ref, (), {"max_seq_length": max_seq_length})
     options = data_mod.DataOptions(max_seq_length=profile.max_seq_length, mask=mask, overlong=overlong, format=fmt,
                                    reasoning_effort=reasoning_effort)
     with usage_stage():  # FILE can't be read at all: exit 2 (bad rows are reported and exit 1 below)
         result = data_mod.check_file(path, options, show=max(0, show), length_source=(
-            f"profile {profile.name}" if max_seq_length is None else "--max-seq-length"))
+            source.format(profile.name) if max_seq_length is None else "--max-seq-length"))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -470,11 +488,15 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only after the new merge verified).")
 @click.option("--no-verify", is_flag=True, help="Skip the check against base + adapter (not recommended).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output safetensors file.")
-@click.option("--device", default="cpu", show_default=True, help="Where the verification runs (cpu, cuda, cuda:1).")
+@click.option("--device", default="auto", show_default=True, help="Where the verification runs (cpu, cuda, cuda:1). "
+              "auto: the GPU in bf16 when the model fits its free memory, else the CPU in fp32, else in bf16; "
+              "refused, with the numbers, when free RAM fits none.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Verification dtype; auto = float32 on CPU, bfloat16 on a GPU.")
+@click.option("--force-base", is_flag=True, help="Merge even when --base is not the model the adapter was trained "
+              "on (its fingerprint in adapter/swft_base.json differs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
-def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, dtype, as_json):
+def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, dtype, force_base, as_json):
     """Fold the LoRA adapter into the base weights: bf16 safetensors shards, config, tokenizer, chat template.
 
     \b
@@ -491,7 +513,7 @@ def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, d
 
     report = merge_adapter(source, base=base, out=out, overwrite=overwrite, verify=not no_verify,
                            max_shard_size=max_shard_size, device=device,
-                           dtype=None if dtype == "auto" else dtype, log=click.echo)
+                           dtype=None if dtype == "auto" else dtype, log=click.echo, force_base=force_base)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
 

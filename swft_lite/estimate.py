@@ -477,6 +477,7 @@ def bench_runs(profile: Profile, records: list[dict]) -> list[dict]:
     settings (gradient accumulation aside: bench caps it, see its --max-accum) that ran to the end, oldest first."""
     return [r for r in records
             if r.get("source") == "scripts/bench.py" and r["stack"] == "unsloth" and r.get("status") == "ok"
+            and r.get("data_kind", "exact") == "exact"
             and r["model"] == DEFAULT_SHAPE.to_record() and r["four_bit"] == profile.load_in_4bit
             and r["targets"] == profile.lora_targets and r["rank"] == profile.lora_rank
             and r["batch"] == profile.per_device_batch_size and r.get("max_seq_length") == profile.max_seq_length
@@ -580,7 +581,7 @@ def _base_profile(card_gib: float, capability: tuple[int, int] | None) -> Profil
     """The shipped profile a card of `card_gib` starts from: `swft-lite detect`'s rule (swft_lite.profiles)."""
     from swft_lite.profiles import all_profiles, profile_for_card
 
-    base = profile_for_card(all_profiles(), card_gib, capability)
+    base = profile_for_card(all_profiles(), card_gib, capability, estimator=estimate)
     if base is None:
         raise ProfileError(f"no shipped profile fits a {card_gib:g} GiB card: gpt-oss-20b needs about 13-15 GiB "
                            "of GPU memory even at 4 bits (the smallest profile is for 16 GB cards)")

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from swft_lite.profiles import FIT_FRACTION, by_generation, card_fits, largest_fitting
+from swft_lite.licences import scan_unsloth
+from swft_lite.estimate import estimate as memory_estimate
+from swft_lite.profiles import FIT_FRACTION, by_generation, card_fits, largest_fitting, why_none_fits
 
 GIB = 1024**3
 MIB = 1024**2
@@ -437,8 +439,10 @@ KNOWN_GOOD: dict[str, KnownGood] = {k.dist: k for k in (
     KnownGood("trl", ">=1.14,<1.15", "swft-lite pins trl 1.14.x: trl 1.15.0's SFTTrainer cannot train on CPU, "
               "and Unsloth 2026.10.9 needs trl <= 1.15.0"),
     KnownGood("datasets", ">=3.0,<5", "Unsloth 2026.10.9 needs datasets < 5"),
+    # Every shipped profile loads the base in 4 bits (load_in_4bit = true), on either backend: bitsandbytes is
+    # needed for any of them, not only under Unsloth.
     KnownGood("bitsandbytes", ">=0.45", "4-bit loading needs bitsandbytes >= 0.45", "unsloth",
-              "the unsloth backend"),
+              "4-bit loading, which every shipped profile uses (either backend)"),
     KnownGood("unsloth", "==2026.10.9", "swft-lite is tested with unsloth 2026.10.9", "unsloth",
               "the unsloth backend"),
     KnownGood("unsloth_zoo", "==2026.10.9", "unsloth_zoo must match unsloth 2026.10.9", "unsloth",
@@ -513,6 +517,7 @@ class DetectReport:
     disk: DiskInfo
     packages: list[PackageVerdict]
     cuda_visible_devices: str | None
+    licences: list = field(default_factory=list)  # swft_lite.licences.PackageLicences of unsloth, unsloth_zoo
 
 
 def gather(output_dir: str | Path = "output", env: dict[str, str] | None = None) -> DetectReport:
@@ -521,7 +526,7 @@ def gather(output_dir: str | Path = "output", env: dict[str, str] | None = None)
     ram, avail = system_memory()
     return DetectReport(gpu=probe, ram_gib=ram, ram_available_gib=avail, disk=disk_info(output_dir),
                         packages=check_packages(gpu_visible=bool(probe.gpus)),
-                        cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"))
+                        cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"), licences=scan_unsloth())
 
 
 # --- recommendation ------------------------------------------------------------------------------------------------
@@ -534,24 +539,31 @@ def fits(gpu: GpuInfo, profile) -> bool:
 def recommend_profile(gpus: list[GpuInfo], profiles: list) -> tuple[Any | None, str]:
     """(the profile to train with on the first visible GPU, or None; a sentence saying why).
 
-    The largest profile whose VRAM budget fits the card (total >= budget * FIT_FRACTION); profiles of the same
-    budget are told apart by GPU generation. Plain on purpose: a later estimate module can refine it.
+    The largest profile that fits the card by the one rule of swft_lite.profiles (its budget class, total >= budget *
+    FIT_FRACTION, and `swft-lite estimate`'s memory figure within the card's limit); profiles of the same budget are
+    told apart by GPU generation.
     """
     if not gpus:
         return None, ("No profile recommended: no NVIDIA GPU is visible here. Training needs one "
                       "(16 GB or more); run `swft-lite detect` on the machine that has it.")
     gpu = gpus[0]
     smallest = min(profiles, key=lambda p: p.vram_budget_gib) if profiles else None
-    same = largest_fitting(profiles, gpu.total_gib)
+    same = largest_fitting(profiles, gpu.total_gib, gpu.compute_capability, estimator=memory_estimate)
     if not same:
         reason = f"No profile fits: {gpu.name} has {gpu.total_gib:.2f} GiB, and {MIN_GIB_STATEMENT}."
         if smallest is not None:
-            reason += (f" The smallest profile, {smallest.name}, needs a {smallest.vram_budget_gib:g} GiB card "
-                       f"({smallest.description.split(':')[0]}).")
+            if card_fits(smallest.vram_budget_gib, gpu.total_gib):  # in the class, but the estimate says no
+                why = why_none_fits(profiles, gpu.total_gib, gpu.compute_capability, estimator=memory_estimate)
+                reason += " " + why[0].upper() + why[1:] + "."
+            else:
+                reason += (f" The smallest profile, {smallest.name}, needs a {smallest.vram_budget_gib:g} GiB card "
+                           f"({smallest.description.split(':')[0]}).")
         return None, reason
     choice = by_generation(same, gpu.compute_capability)
+    e = memory_estimate(choice, card_gib=gpu.total_gib, capability=gpu.compute_capability)
     reason = (f"{gpu.name} has {gpu.total_gib:.2f} GiB; {choice.name} is the largest profile whose "
-              f"{choice.vram_budget_gib:g} GiB budget fits.")
+              f"{choice.vram_budget_gib:g} GiB budget fits (`swft-lite estimate`: {e.reserved_gib:.1f} GiB reserved "
+              f"of this card's {e.limit_gib:g} GiB limit).")
     others = [p.name for p in same if p is not choice]
     if others:
         cc = gpu.compute_capability_str or "unknown"
@@ -621,6 +633,7 @@ def to_json(report: DetectReport, profile, reason: str, tailored: dict | None = 
         "ram_available_gib": None if report.ram_available_gib is None else round(report.ram_available_gib, 2),
         "disk": report.disk.to_dict(),
         "packages": {p.name: p.to_dict() for p in report.packages},
+        "licences": {p.package: p.to_dict() for p in report.licences},
         "recommended_profile": None if profile is None else profile.name,
         "reason": reason,
         "tailored": tailored,
@@ -643,6 +656,15 @@ def no_gpu_sentence(probe: GpuProbe) -> str:
 
 def _mark(ok: bool | None) -> str:
     return {True: "✓", False: "✗", None: "–"}[ok]
+
+
+def format_licences(licences: list) -> list[str]:
+    lines = [f"  {p.summary()}" for p in licences]
+    if any(p.agpl_files for p in licences):
+        lines.append("  AGPL-3.0 code runs when training with the unsloth backend: whoever redistributes it, or "
+                     "serves a product built on it over a network, must meet AGPL-3.0's terms (README: Licences). "
+                     "The hf backend runs none of it.")
+    return lines
 
 
 def format_report(report: DetectReport, profile, reason: str, tailored: dict | None = None) -> str:
@@ -697,6 +719,9 @@ def format_report(report: DetectReport, profile, reason: str, tailored: dict | N
         line = f"  {_mark(p.ok)} {p.name.ljust(width)}  {(p.installed or 'not installed').ljust(vwidth)}  " \
                f"{p.required.ljust(rwidth)}  {note}"
         out.append(line.rstrip())
+
+    out += ["", "Licences (headers of the installed Unsloth files the unsloth backend runs)"]
+    out += format_licences(report.licences)
 
     out += ["", "Recommendation"]
     if profile is not None:

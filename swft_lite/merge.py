@@ -193,6 +193,61 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
+def _local_model_dir(ref: str | None) -> Path | None:
+    """A model reference as a folder on this machine (a folder, or a hub id already in the cache), never fetched."""
+    if not ref:
+        return None
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return p.resolve() if (p / "config.json").exists() else None
+    if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # noqa: BLE001 - not in the cache: nothing to compare with
+        return None
+
+
+def check_base(inputs: MergeInputs, force_base: bool, log: Callable[[str], None]) -> str:
+    """Refuse a --base that is not the model the adapter was trained on (swft_lite.base_identity): compared with the
+    fingerprint `swft-lite train` wrote to adapter/swft_base.json, else with the model the adapter's
+    base_model_name_or_path names when that is on this machine. Returns match | forced | unchecked."""
+    from swft_lite import base_identity as bi
+
+    expected, trained_on = None, None
+    rec_path = inputs.adapter_dir / bi.BASE_FILE
+    if rec_path.exists():
+        try:
+            rec = _read_json(rec_path)
+            expected, trained_on = rec.get("fingerprint"), rec.get("base_model")
+        except (OSError, ValueError):
+            pass
+    if expected is None:
+        trained_on = _read_json(inputs.adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+        named = _local_model_dir(trained_on)
+        if named is not None and named == inputs.base_dir.resolve():
+            return "match"
+        if named is not None:
+            expected = bi.fingerprint(named)
+    if expected is None:
+        log(f"note: cannot check that {inputs.base_ref} is the model this adapter was trained on: no "
+            f"{bi.BASE_FILE} beside it, and the base it names ({trained_on or 'none'}) is not on this machine")
+        return "unchecked"
+    diffs = bi.differences(expected, bi.fingerprint(inputs.base_dir))
+    if not diffs:
+        return "match"
+    what = f"{', '.join(diffs[:4])}{' and more' if len(diffs) > 4 else ''} differ"
+    if force_base:
+        log(f"warning: --force-base: {inputs.base_ref} is not the model the adapter was trained on ({trained_on}: "
+            f"{what}); merging anyway")
+        return "forced"
+    raise MergeError(f"--base {inputs.base_ref} ({inputs.base_dir}) is not the model the adapter in "
+                     f"{inputs.adapter_dir} was trained on ({trained_on}): {what}. Merging would write a wrong model. "
+                     f"Pass --base {trained_on}, or --force-base to merge into this model anyway")
+
+
 def _header(path: Path) -> dict:
     import struct
 
@@ -235,6 +290,65 @@ def check_free_disk(folder: Path, need_bytes: int) -> dict:
                          f"(bf16 size of the base plus a margin) and {free / 1e9:.1f} GB are free. Free some space "
                          "or pass --out to a folder on a larger disk.")
     return {"need_gb": need_bytes / 1e9, "free_gb": free / 1e9}
+
+
+# --- where the verification runs ----------------------------------------------------------------------------------
+# The check loads one whole model at a time (base + adapter, merged in place for the control, then the merged folder)
+# in the verification dtype, plus the probe logits: peak ~ model bytes in that dtype x VERIFY_MEMORY_FACTOR. For
+# gpt-oss-20b (41.8 GB in bf16) that is ~100 GB of RAM in fp32 on the CPU, ~50 GB in bf16: more than many machines
+# have, so it is checked before the ~42 GB merge is written, not found out by the OOM killer after.
+VERIFY_MEMORY_FACTOR = 1.2
+
+
+def plan_verification(bf16_bytes: int, *, ram_free: float | None, vram_free: float | None, device: str = "auto",
+                      dtype: str | None = None) -> tuple[str, str, str]:
+    """(device, dtype, a sentence saying why) for the merge check of a model of `bf16_bytes`, given the free RAM and
+    free GPU memory in bytes (None: unknown / no GPU). `device` auto tries the GPU in bf16, then the CPU in fp32
+    (the exact check), then the CPU in bf16; an explicit device or dtype is kept and only checked. MergeError with
+    the numbers when nothing fits."""
+    gb = lambda b: b / 1e9  # noqa: E731
+    need = {"float32": 2 * bf16_bytes * VERIFY_MEMORY_FACTOR, "bfloat16": bf16_bytes * VERIFY_MEMORY_FACTOR,
+            "float16": bf16_bytes * VERIFY_MEMORY_FACTOR}
+    if device == "auto":
+        options = ([("cuda", "bfloat16")] if vram_free is not None else []) + [("cpu", "float32"), ("cpu", "bfloat16")]
+    else:
+        dev = "cuda" if device.startswith("cuda") else "cpu"
+        default = "float32" if dev == "cpu" else "bfloat16"
+        options = [(device, default)] + ([(device, "bfloat16")] if dev == "cpu" else [])
+    if dtype is not None:
+        options = [(d, dtype) for d, _ in options]
+        options = list(dict.fromkeys(options))
+    tried = []
+    for dev, dt in options:
+        free = vram_free if dev.startswith("cuda") else ram_free
+        where = "GPU memory" if dev.startswith("cuda") else "RAM"
+        if free is None and dev.startswith("cuda"):
+            tried.append(f"{dev}: no GPU visible")
+            continue
+        if free is None or free >= need[dt]:
+            said = "unknown" if free is None else f"{gb(free):.1f} GB"
+            note = "" if dt == "float32" else " (bf16: the looser bf16 thresholds apply)"
+            return dev, dt, (f"verification on {dev} in {dt}: needs ~{gb(need[dt]):.1f} GB of {where}, "
+                             f"{said} free{note}")
+        tried.append(f"{dev} in {dt} needs ~{gb(need[dt]):.1f} GB of {where}, {gb(free):.1f} GB free")
+    raise MergeError(f"not enough memory to verify the merge ({gb(bf16_bytes):.1f} GB in bf16): " + "; ".join(tried) +
+                     ". Close other programs, verify on a GPU with --device cuda, or merge with --no-verify (not "
+                     "recommended: nothing then checks the merged model)")
+
+
+def _free_memory(device: str) -> tuple[float | None, float | None]:
+    """(free RAM, free GPU memory) in bytes, measured now; GPU None when there is none (or --device cpu)."""
+    from swft_lite.hardware import system_memory
+
+    _, avail_gib = system_memory()
+    ram = None if avail_gib is None else avail_gib * 2**30
+    vram = None
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            vram = float(torch.cuda.mem_get_info()[0])
+    return ram, vram
 
 
 # --- MXFP4 -------------------------------------------------------------------------------------------------------
@@ -327,7 +441,15 @@ class AdapterDeltas:
                 raise MergeError(f"two LoRA layers adapt the same base tensor {target}")
             targets[target] = module
 
-        state = load_peft_weights(str(adapter_dir), device="cpu")
+        from safetensors import SafetensorError
+
+        try:
+            state = load_peft_weights(str(adapter_dir), device="cpu")
+        except SafetensorError as exc:
+            weights = adapter_dir / "adapter_model.safetensors"
+            raise MergeError(f"{weights} cannot be read ({exc}): the file is truncated or damaged (an interrupted "
+                             "copy or save). Copy it again, or merge a checkpoint's adapter instead: swft-lite merge "
+                             "RUN/checkpoints/checkpoint-N --base BASE") from None
         result = set_peft_model_state_dict(peft_model, state, adapter_name=self.ADAPTER_NAME)
         lora_params = {n for n, _ in peft_model.named_parameters() if ".lora_" in n}
         missing = sorted(set(result.missing_keys) & lora_params)
@@ -566,9 +688,10 @@ def _fail_dir(work_dir: Path, out_dir: Path) -> Path:
 
 def merge_adapter(source: str | Path, *, base: str | Path | None = None, out: str | Path | None = None,
                   overwrite: bool = False, verify: bool = True, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-                  device: str = "cpu", dtype=None, thresholds: dict | None = None,
+                  device: str = "auto", dtype=None, thresholds: dict | None = None,
                   delta_hook: Callable | None = None, log: Callable[[str], None] = print,
-                  out_dir: str | Path | None = None, echo: Callable[[str], None] | None = None) -> dict:
+                  out_dir: str | Path | None = None, echo: Callable[[str], None] | None = None,
+                  force_base: bool = False) -> dict:
     """Merge the LoRA adapter of a run folder (or an adapter folder) into its base and verify the result.
 
     Returns a report dict: out, base, adapter, shards, tensors, lora_tensors_merged, mxfp4_tensors_dequantized,
@@ -576,9 +699,11 @@ def merge_adapter(source: str | Path, *, base: str | Path | None = None, out: st
     seconds, verification (see `verify_merge`, or None with verify=False).
     Raises MergeError (VerificationError when the check fails; its `.report` holds the figures).
 
-    `device`/`dtype` are for the verification forward passes (default: fp32 on CPU, bf16 on CUDA).
+    `device`/`dtype` are for the verification forward passes: auto picks what fits (`plan_verification`: the GPU
+    in bf16, else fp32 on the CPU, else bf16 on the CPU) and says so; MergeError when nothing fits.
     `delta_hook(name, delta) -> delta` is for tests only: it lets a test plant a fault in a delta.
     `out_dir` and `echo` are accepted as other names for `out` and `log`.
+    `force_base` merges into a --base that is not the model the adapter was trained on (see `check_base`).
     """
     t0 = time.time()
     if out_dir is not None:
@@ -595,16 +720,25 @@ def merge_adapter(source: str | Path, *, base: str | Path | None = None, out: st
     if inputs.adapter_dir in out_dir.parents or out_dir == inputs.adapter_dir or out_dir == inputs.base_dir:
         raise MergeError(f"--out {out_dir} would overwrite the adapter or the base")
     _check_base_config(inputs.base_dir)
+    base_check = check_base(inputs, force_base, log)
     weight_map = base_weight_map(inputs.base_dir)
     need = estimate_output_bytes(inputs.base_dir, weight_map)
     disk = check_free_disk(out_dir.parent, int(need * 1.05) + 256 * 2**20)
     log(f"Merging {inputs.adapter_dir}\n   into {inputs.base_ref} ({inputs.base_dir})\n   -> {out_dir}  "
         f"(~{need / 1e9:.2f} GB bf16, {disk['free_gb']:.1f} GB free)")
+    if verify:  # refused now, before the merge is written, when the check cannot fit in memory
+        ram, vram = _free_memory(device)
+        device, dtype_name, why = plan_verification(need, ram_free=ram, vram_free=vram, device=device,
+                                                    dtype=dtype if isinstance(dtype, str) or dtype is None
+                                                    else str(dtype).replace("torch.", ""))
+        dtype = dtype_name
+        log(f"  {why}")
 
     deltas = AdapterDeltas(inputs.adapter_dir, inputs.base_dir)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     report: dict = {"out": str(out_dir), "base": inputs.base_ref, "base_dir": str(inputs.base_dir),
-                    "adapter": str(inputs.adapter_dir), "lora_layers": len(deltas.targets), "disk": disk}
+                    "adapter": str(inputs.adapter_dir), "lora_layers": len(deltas.targets), "disk": disk,
+                    "base_check": base_check}
     try:
         with _PeakRSS() as rss:
             stats = _merge_tensors(inputs.base_dir, weight_map, deltas, work_dir, _parse_size(max_shard_size),

@@ -186,8 +186,10 @@ def _resolve_ref(ref: str, relative_to: Path | None = None) -> Path:
     return p
 
 
-def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, str]]:
-    """Keys of a profile and everything it inherits, each with the file that set it."""
+def _load_layers(path: Path, seen: tuple[Path, ...] = (), problems: list[str] | None = None
+                 ) -> dict[str, tuple[Any, str]]:
+    """Keys of a profile and everything it inherits, each with the file that set it. Unknown keys go to `problems`
+    (when given) so a file's mistakes are reported together."""
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(str(p) for p in (*seen, path))
@@ -198,14 +200,31 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any
     if parent is not None:
         if not isinstance(parent, str):
             raise ProfileError(f"{path}: key 'inherit' must be a string (a profile name or path), got {parent!r}")
-        merged.update(_load_layers(_resolve_ref(parent, path.parent), (*seen, path)))
+        try:
+            parent_path = _resolve_ref(parent, path.parent)
+            if not parent_path.exists():
+                raise ProfileError(f"{parent_path}: no such profile file")
+        except ProfileError as exc:  # name the file that asked for it
+            raise ProfileError(f"{path}: key 'inherit' = {parent!r}: {exc}") from None
+        merged.update(_load_layers(parent_path, (*seen, path), problems))
         merged.pop("name", None)  # a derived profile is not its parent: named by its own `name` or file name
     for key, value in raw.items():
         if key not in PROFILE_FIELDS:
-            raise ProfileError(f"{path}: unknown key '{key}'{_did_you_mean(key)}; "
-                               f"known keys: {', '.join(PROFILE_FIELDS)}")
+            msg = f"{path}: unknown key '{key}'{_did_you_mean(key)}; known keys: {', '.join(PROFILE_FIELDS)}"
+            if problems is None:
+                raise ProfileError(msg)
+            problems.append(msg)
+            continue
         merged[key] = (value, str(path))
     return merged
+
+
+def _raise_all(problems: list[str]) -> None:
+    """Every mistake found in a profile, in one error (a person fixes them in one go, not one per run)."""
+    if len(problems) == 1:
+        raise ProfileError(problems[0])
+    if problems:
+        raise ProfileError(f"{len(problems)} problems: " + "; ".join(problems))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -243,14 +262,17 @@ def coerce_cli_value(key: str, raw: str) -> Any:
 def load_profile(ref: str, overrides: dict[str, Any] | None = None) -> Profile:
     """Resolve a profile name or file, its inheritance chain and command-line overrides into a checked Profile."""
     path = _resolve_ref(ref)
-    layers = _load_layers(path)
+    problems: list[str] = []
+    layers = _load_layers(path, problems=problems)
     values: dict[str, Any] = {}
-    for key, (value, where) in layers.items():
-        values[key] = _check_value(key, value, where)
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        values[key] = _check_value(key, value, "command line")
+    checks = [(key, value, where) for key, (value, where) in layers.items()]
+    checks += [(key, value, "command line") for key, value in (overrides or {}).items() if value is not None]
+    for key, value, where in checks:
+        try:
+            values[key] = _check_value(key, value, where)
+        except ProfileError as exc:
+            problems.append(str(exc))
+    _raise_all(problems)
     if "name" not in values:
         values["name"] = path.stem
     profile = Profile(**values)
@@ -338,16 +360,39 @@ def by_generation(candidates: list, capability: tuple[int, int] | None):
     return eligible[-1] if eligible else ordered[0]
 
 
-def largest_fitting(profiles: list, card_gib: float) -> list:
-    """The profiles of the largest budget that a card of `card_gib` fits (empty when none fits)."""
-    fitting = [p for p in profiles if card_fits(p.vram_budget_gib, card_gib)]
+def largest_fitting(profiles: list, card_gib: float, capability: tuple[int, int] | None, *, estimator) -> list:
+    """The profiles of the largest budget that a card of `card_gib` fits (empty when none fits).
+
+    A profile fits when the card is in its budget class (`card_fits`) AND `swft-lite estimate` says its reserved
+    memory stays within the card's headroom limit: `estimator` is `swft_lite.estimate.estimate` (passed in, since
+    the memory model itself builds on profiles; required, so no caller can skip the second half of the rule). The estimate is what rules out, measured: a Tesla T4 (14.74 GiB,
+    cc 7.5) or a V100 16 GB (cc 7.0) for rtx4070 - no bf16, so activations and 16-bit weights count in fp32: 18.99
+    GiB estimated against a 13.5 / 14.5 GiB limit - and an L4 / A10G with ECC on (22.2 GiB) for the 24 GiB
+    profiles (22.23 GiB against 20.7), which get rtx4070 instead."""
+    fitting = [p for p in profiles if card_fits(p.vram_budget_gib, card_gib)
+               and estimator(p, card_gib=card_gib, capability=capability).fits]
     if not fitting:
         return []
     top = max(p.vram_budget_gib for p in fitting)
     return [p for p in fitting if p.vram_budget_gib == top]
 
 
-def profile_for_card(profiles: list, card_gib: float, capability: tuple[int, int] | None):
+def profile_for_card(profiles: list, card_gib: float, capability: tuple[int, int] | None, *, estimator):
     """The profile to train with on a card: the largest budget it fits, then its GPU generation; None if none fits."""
-    same = largest_fitting(profiles, card_gib)
+    same = largest_fitting(profiles, card_gib, capability, estimator=estimator)
     return by_generation(same, capability) if same else None
+
+
+def why_none_fits(profiles: list, card_gib: float, capability: tuple[int, int] | None, *, estimator) -> str:
+    """Why no profile fits a card, with the estimate's numbers for the smallest profile and what to do."""
+    if not profiles:
+        return "no profiles are installed"
+    smallest = min(profiles, key=lambda p: p.vram_budget_gib)
+    e = estimator(smallest, card_gib=card_gib, capability=capability)
+    text = (f"the smallest profile, {smallest.name} ({smallest.vram_budget_gib:g} GiB budget), is estimated at "
+            f"{e.reserved_gib:.2f} GiB reserved against this card's {e.limit_gib:g} GiB limit")
+    if capability is not None and tuple(capability) < (8, 0):
+        text += (f"; the card has no bf16 (compute capability {capability[0]}.{capability[1]} < 8.0), so activations "
+                 "and 16-bit weights count in fp32")
+    return (text + ". Train on a card with bf16 (compute capability 8.0 or newer) and 16 GB or more: RTX 4070 Ti "
+            "SUPER / 4080, 3090, 4090, L4, A10G, A100, H100")

@@ -4,7 +4,8 @@
         run.json                    the RunRecord: resolved config and profile, versions, GPU, data hashes, the plan,
                                     times, losses, memory, tokens/s, the merge report
         checkpoints/                checkpoint-N folders (the last K kept); --resume continues from the newest
-        tensorboard/                loss, eval loss, learning rate, grad norm, tokens/s, memory
+        tensorboard/                loss, eval loss, learning rate, grad norm, tokens/s, memory, eval metrics
+        eval_generations/           step-N.jsonl: the answers --eval-generate scored at each evaluation
         trained_probe.safetensors   the trained model's top-K log-probs on the probe tokens (swft_lite.probes)
         adapter/                    the LoRA adapter with tokenizer and chat template
         merged/                     base + adapter folded into bf16 safetensors
@@ -27,10 +28,11 @@ class RunRecord(dict):
     """run.json, as written: a JSON object whose keys keep the order they were first set in (the file reads top to
     bottom as the run went). The keys other code reads have typed accessors here; `swft-lite train` writes, in order:
 
-    swft_lite_version, status (running | out_of_memory | aborted | interrupted | finished), started, resumed (list of
-    times), fingerprint, fingerprint_parts, model, backend, profile, options, packages, data, plan, padding_fraction,
-    gpu, adapters, load_seconds, train_seconds, global_step, train_loss, best_checkpoint, best_eval_loss, losses,
-    eval_losses, tokens_per_second, interrupted_at_step, tokens_per_second_median, peak_memory_gib,
+    swft_lite_version, status (running, then one of completed | failed | interrupted | out_of_memory, with `reason`),
+    started, resumed (list of times), fingerprint, fingerprint_parts, model, backend, profile, options, packages, data,
+    plan, padding_fraction, gpu, adapters, load_seconds, train_seconds, global_step, train_loss, best_checkpoint,
+    best_eval_loss, losses, eval_losses, tokens_per_second, eval_metrics, early_stopping, eval_generate, best_metric
+    (swft_lite.train_eval), interrupted_at_step, tokens_per_second_median, peak_memory_gib,
     peak_reserved_gib, trained_probe, adapter_dir, merge, finished.
     """
 
@@ -102,6 +104,10 @@ class RunFolder:
         return self.path / "tensorboard"
 
     @property
+    def eval_generations(self) -> Path:
+        return self.path / "eval_generations"
+
+    @property
     def trained_probe(self) -> Path:
         return self.path / TRAINED_PROBE_FILE
 
@@ -124,10 +130,6 @@ class RunFolder:
         tmp = self.path / (RUN_JSON + ".tmp")
         tmp.write_text(json.dumps(record, indent=2, default=str))
         tmp.replace(self.run_json)
-
-    def last_checkpoint(self) -> Path | None:
-        ckpts = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-        return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 # --- "which folder is this?" ---------------------------------------------------------------------------------------

@@ -25,10 +25,14 @@ from pathlib import Path
 
 from swft_lite import __version__
 from swft_lite import distributed
+from swft_lite.base_identity import write_record as _write_base_identity
+from swft_lite.checkpoints import (RunGuard, TrainInterrupted, checkpoint_for_resume, completion_marker_callback,
+                                   history_until)
 from swft_lite.data.options import DataOptions, option, same_as
 from swft_lite.errors import TrainError
 from swft_lite.profiles import Profile
 from swft_lite.run_folder import RUN_JSON, RunFolder, RunRecord
+from swft_lite import train_eval
 
 @dataclass
 class TrainOptions:
@@ -44,7 +48,16 @@ class TrainOptions:
     eval_steps: int = 50
     save_steps: int = 100
     save_total_limit: int = 3
-    early_stopping_patience: int | None = None
+    early_stopping_patience: int | None = option(None, type=int, min=1, help=(
+        "Stop when --early-stopping-metric has not improved for N evaluations (needs eval data, and --save-steps a "
+        "multiple of --eval-steps)."))
+    early_stopping_metric: str = option("eval_loss", choices=tuple(train_eval.EARLY_STOPPING_METRICS), help=(
+        "What early stopping and the best checkpoint (adapter/) watch: eval_loss (lower is better) or a share "
+        "measured on --eval-generate answers (higher is better)."))
+    eval_generate: int = option(0, min=0, help=(
+        "At each evaluation, answer the first N conversations of --eval-data (greedy) and log source_refs, "
+        "markdown_valid, mermaid_valid, format_ok (as `swft-lite eval` scores them). 0: eval loss only."))
+    eval_max_new_tokens: int = option(256, min=1, help="Most tokens generated per --eval-generate answer.")
     seed: int = same_as(DataOptions, "seed")
     resume: bool = False
     force_resume: bool = False
@@ -75,8 +88,20 @@ def fingerprint_parts(profile: Profile, options: TrainOptions, data_report: dict
     """Everything that decides what a run trains, flat, so a changed value can be named."""
     parts = {f"profile.{k}": v for k, v in profile.to_dict().items() if k not in ("description", "source")}
     parts.update({f"option.{k}": getattr(options, k) for k in _FINGERPRINT_OPTIONS})
-    parts.update({f"data.{p}": f.get("sha256") for p, f in sorted(data_report.get("files", {}).items())})
+    # The data by what it holds, not where it lies: the same file given by another path is the same run.
+    parts["data.sha256"] = sorted(f.get("sha256") for f in data_report.get("files", {}).values())
     return parts
+
+
+def content_parts(parts: dict) -> dict:
+    """A recorded fingerprint with its data keyed by content: runs started before swft-lite keyed it by path
+    (`data.<path>: sha256`); those keys become the one `data.sha256` list."""
+    out = {k: v for k, v in parts.items() if not k.startswith("data.")}
+    if "data.sha256" in parts:
+        out["data.sha256"] = parts["data.sha256"]
+    else:
+        out["data.sha256"] = sorted(v for k, v in parts.items() if k.startswith("data."))
+    return out
 
 
 def fingerprint(parts: dict) -> str:
@@ -355,8 +380,8 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
         save_steps=options.save_steps,
         save_total_limit=options.save_total_limit,
         load_best_model_at_end=best_at_end,
-        metric_for_best_model="eval_loss" if best_at_end else None,
-        greater_is_better=False if best_at_end else None,
+        metric_for_best_model=train_eval.metric_key(options.early_stopping_metric) if best_at_end else None,
+        greater_is_better=train_eval.greater_is_better(options.early_stopping_metric) if best_at_end else None,
         seed=options.seed,
         data_seed=options.seed,
         disable_tqdm=True,
@@ -453,33 +478,38 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     distributed.rank_zero_writes(run)
     distributed.barrier()  # every rank has checked the run folder before rank 0 writes into it
     prepared = distributed.main_first(lambda: prepare_data(profile, options, echo))
+    train_eval.check_options(options, prepared)  # before any model loads
     plan = plan_training(profile, options, prepared.train, backend)
     echo(format_plan(profile, plan, backend))
     if options.dry_run:
         return None
     record, resume_from = distributed.main_first(
         lambda: start_record(run, profile, options, model_path, backend, prepared.report, plan, echo),
-        others=lambda: (run.read_record(), run.last_checkpoint() if options.resume else None))
-    model, tokenizer = load_model(run, record, backend, model_path, profile, echo)
-    with _StopRequest() as stop:
-        trainer, run_log, tb_writer = build_trainer(run, record, profile, options, model, tokenizer, prepared, stop,
-                                                    echo)
-        run_training(run, record, profile, trainer, run_log, tb_writer, resume_from)
-    if stop.requested:
-        record.update(status="interrupted", finished=_now())
-        run.write_record(record)
-        echo(f"stopped at step {trainer.state.global_step}; checkpoint saved under {run.checkpoints}. "
-             f"Continue with the same command plus --resume --run-name {run.name}")
-        return run.path
-    if not distributed.is_main_process():
-        return run.path  # rank 0 records, saves and merges the (identical) trained model
-    record_probe(run, record, trainer, tokenizer, echo)
-    adapter_dir = save_adapter(run, record, trainer, tokenizer, echo)
-    if options.merge:
-        del trainer, model
-        merge_run(run, record, adapter_dir, model_path, echo)
-    record.update(status="finished", finished=_now())
-    run.write_record(record)
+        others=lambda: (run.read_record(), checkpoint_for_resume(run.checkpoints, echo) if options.resume else None))
+    # From here the run folder exists: whatever ends the run, run.json ends with a final status (swft_lite.checkpoints).
+    with RunGuard(run, record, model_path, options.resume, _now) as guard:
+        if resume_from is not None:  # the history logged before the stop, up to the checkpoint resumed from
+            record.update(history_until(resume_from))
+        model, tokenizer = load_model(run, record, backend, model_path, profile, echo)
+        with _StopRequest() as stop:
+            trainer, run_log, tb_writer = build_trainer(run, record, profile, options, model, tokenizer, prepared,
+                                                        stop, echo)
+            trainer.add_callback(completion_marker_callback())
+            guard.training_started()
+            run_training(run, record, profile, trainer, run_log, tb_writer, resume_from)
+        if stop.requested:
+            step = trainer.state.global_step
+            guard.finish("interrupted", f"Ctrl-C: stopped after step {step}, checkpoint saved")
+            raise TrainInterrupted(f"interrupted at step {step}; checkpoint-{step} saved under {run.checkpoints}. "
+                                   f"Continue with the same command plus --resume --run-name {run.name}")
+        if not distributed.is_main_process():
+            return run.path  # rank 0 records, saves and merges the (identical) trained model
+        record_probe(run, record, trainer, tokenizer, echo)
+        adapter_dir = save_adapter(run, record, trainer, tokenizer, echo)
+        if options.merge:
+            del trainer, model
+            merge_run(run, record, adapter_dir, model_path, echo)
+        guard.finish("completed")
     return run.path
 
 
@@ -529,6 +559,10 @@ def prepare_data(profile: Profile, options: TrainOptions, echo):
     overlong = data_mod.format_overlong(rep, profile.max_seq_length)
     if overlong:
         echo(overlong + f" (--overlong {options.overlong})")
+    for display, info in rep.get("files", {}).items():
+        warning = data_mod.format_dropped_thinking(display, info.get("dropped_thinking"))
+        if warning:
+            echo(warning)
     return prepared
 
 
@@ -541,17 +575,19 @@ def start_record(run: RunFolder, profile: Profile, options: TrainOptions, model_
     if options.resume:
         prepare_run_dir(run.path, options)
         record = run.read_record()
-        if record.fingerprint != fp and not options.force_resume:
-            changes = describe_changes(record.fingerprint_parts, parts)
+        before = content_parts(record.fingerprint_parts)
+        if fingerprint(before) != fp and not options.force_resume:
+            changes = describe_changes(before, parts)
             raise TrainError(f"--resume: the data or settings differ from the ones {run.path} was started with "
                              f"({changes}). Resuming would mix two runs. Use the same profile, flags and data, "
                              "or --force-resume to continue anyway.")
         distributed.check_resume_world(record.get("world_size"), distributed.world_size(), options.force_resume,
                                        run.path)
-        resume_from = run.last_checkpoint()
+        resume_from = checkpoint_for_resume(run.checkpoints, echo)
         if resume_from is None:
-            raise TrainError(f"--resume: {run.checkpoints} holds no checkpoint yet; start again with --overwrite")
-        echo(f"resume: continuing from {resume_from}")
+            raise TrainError(f"--resume: {run.checkpoints} holds no complete checkpoint; start again with "
+                             "--overwrite")
+        echo(f"resume: continuing from {resume_from} (the newest complete checkpoint)")
     else:
         prepare_run_dir(run.path, options)
         record = RunRecord()
@@ -612,7 +648,7 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
     from swft_lite.batching import (EpochBatchSampler, PaddedCollator, batching_mode, collator_for, dataset_lengths,
                                     plan_batches, with_batch_sampler)
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import EarlyStoppingCallback, PrinterCallback
+    from transformers import PrinterCallback
 
     args = sft_config(profile, options, run.path, prepared.eval is not None)
     # A resumed run keeps the history it logged before it stopped.
@@ -632,17 +668,15 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
     counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training, eval_collator)
     trainer.data_collator = counter
     trainer.add_callback(_callbacks(stop, run_log, counter, tb_writer))
-    if options.early_stopping_patience and args.load_best_model_at_end:
-        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
-    elif options.early_stopping_patience:
-        echo("note: early stopping needs eval data and --save-steps a multiple of --eval-steps; not enabled")
+    # eval perplexity, --eval-generate's metrics, their history in run.json, early stopping on any of them
+    train_eval.attach(trainer, args, options, prepared, run, run_log, record, echo)
     return trainer, run_log, tb_writer
 
 
 def run_training(run: RunFolder, record: RunRecord, profile: Profile, trainer, run_log: dict, tb_writer,
                  resume_from: Path | None) -> None:
     """trainer.train(), then its figures into the record. Out of memory: the record says so and a TrainError
-    tells what to lower; Ctrl-C twice: the record says aborted."""
+    tells what to lower; Ctrl-C twice or any other failure: the record keeps the history, the RunGuard the status."""
     import torch
 
     if torch.cuda.is_available():
@@ -655,10 +689,10 @@ def run_training(run: RunFolder, record: RunRecord, profile: Profile, trainer, r
         record.update(status="out_of_memory", finished=_now())
         run.write_record(record)
         raise TrainError(oom_advice(profile)) from None
-    except KeyboardInterrupt:
+    except (Exception, KeyboardInterrupt):
         tb_writer.flush()
-        record.update(status="aborted", finished=_now(), **run_log)
-        run.write_record(record)
+        sys.stderr.write("\n")  # end the progress bar's line, so the Error: line starts a line of its own
+        record.update(run_log)  # what was logged before it stopped; the RunGuard writes the final status
         raise
     train_seconds = time.perf_counter() - t0
 
@@ -697,10 +731,19 @@ def save_adapter(run: RunFolder, record: RunRecord, trainer, tokenizer, echo) ->
     adapter_dir = run.adapter
     trainer.model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
+    write_base_record(adapter_dir, record.model)  # what `swft-lite merge --base` is compared with
     record["adapter_dir"] = str(adapter_dir)
     echo(f"adapter: saved to {adapter_dir}")
     run.write_record(record)
     return adapter_dir
+
+
+def write_base_record(adapter_dir: Path, model: str) -> None:
+    """adapter/swft_base.json: the base's name and content fingerprint (the model was just loaded, so a hub id is in
+    the local cache)."""
+    from swft_lite.merge import _local_model_dir
+
+    _write_base_identity(adapter_dir, model, _local_model_dir(model))
 
 
 def merge_run(run: RunFolder, record: RunRecord, adapter_dir: Path, model_path: str, echo) -> None:

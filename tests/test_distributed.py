@@ -294,7 +294,7 @@ def test_two_processes_train_the_adapter_one_process_trains_on_the_same_global_b
     print(f"token budget, 3 passes: 2 processes vs 1 process x accum 2: max relative difference {budget_difference:.3g}")
     assert budget_difference <= 1e-4
     record = json.loads((root / "two" / "run.json").read_text())
-    assert record["world_size"] == 2 and record["status"] == "finished" and record["global_step"] == 2
+    assert record["world_size"] == 2 and record["status"] == "completed" and record["global_step"] == 2
     assert record["plan"]["global_batch"] == 2
     assert "global batch 1 x 1 x 2 GPU(s) = 2 rows an optimizer step" in out["two"]
     assert out["two"].count("done: ") == 1 and out["two"].count("adapter: saved") == 1  # rank 0 speaks

@@ -256,4 +256,7 @@ def test_bench_dry_run_prints_the_plan(tmp_path):
     assert out.returncode == 0, out.stderr
     for word in ("rtx4070", "rtx4090", "h100", "h100:load_in_4bit=true", "memory fraction", "estimate"):
         assert word in out.stdout
+    # Every config on both kinds of data: rows of the full length and chats of varying length.
+    assert "h100@exact" in out.stdout and "h100@variable" in out.stdout
+    assert "--tokens 8192 --variable" in out.stdout
     assert not (tmp_path / "r.json").exists()  # a dry run writes nothing

@@ -67,11 +67,13 @@ from swft_lite.data.check import CheckResult, check_file, format_check, format_r
 from swft_lite.data.harmony import _encoding  # noqa: F401 - tests and scripts/bench_data.py load the vocabulary with it
 from swft_lite.data.options import (DEFAULT_DATE, DEFAULT_TRAIN, EFFORTS, FORMATS, MASKS, OVERLONG, DataError,
                                     DataOptions, PreparedData, Problem)
+from swft_lite.data.options import format_dropped_thinking
 from swft_lite.data.prepare import format_overlong, prepare_data
 from swft_lite.data.render import render_conversation
 from swft_lite.data.sources import resolve_source, sample_path
 
 __all__ = [
+    "format_dropped_thinking",
     "DataError", "DataOptions", "PreparedData", "CheckResult", "Problem", "prepare_data", "format_overlong", "check_file",
     "render_conversation", "format_check", "format_rendered", "resolve_source", "sample_path",
     "MASKS", "OVERLONG", "EFFORTS", "FORMATS", "DEFAULT_TRAIN", "DEFAULT_DATE",

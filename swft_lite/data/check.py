@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from swft_lite.data.harmony import _encoding
 from swft_lite.data.normalize import RowScan
-from swft_lite.data.options import MAX_KEPT_PROBLEMS, DataOptions, Problem
+from swft_lite.data.options import MAX_KEPT_PROBLEMS, MAX_SHOWN, DataOptions, Problem, format_dropped_thinking
 from swft_lite.data.render import _labels, _render_tokens
 from swft_lite.data.sources import resolve_source
 
@@ -39,6 +39,8 @@ class CheckResult:
     unit: str = "line"
     seconds: float = 0.0
     length_source: str | None = None  # where max_seq_length came from, e.g. "profile rtx4090"
+    overlong_rows: list[dict] = field(default_factory=list)  # the first MAX_SHOWN: line, tokens, action
+    dropped_thinking: dict | None = None  # rows whose earlier-turn thinking is not trained (RowScan)
 
     @property
     def ok(self) -> bool:
@@ -65,6 +67,7 @@ class CheckResult:
             "trained_fraction": round(self.tokens_trained / self.tokens_total, 4) if self.tokens_total else 0.0,
             "rows_with_reasoning": self.rows_with_reasoning,
             "over_length": self.over_length, "would_truncate": self.would_truncate, "would_drop": self.would_drop,
+            "overlong_rows": self.overlong_rows, "dropped_thinking": self.dropped_thinking,
             "seconds": round(self.seconds, 3),
         }
         if self.samples:
@@ -103,19 +106,30 @@ def check_file(path: str | os.PathLike, options: DataOptions | None = None, *, s
             continue
         res.valid_rows += 1
         res.lengths.append(len(toks))
-        res.tokens_total += len(toks)
-        res.tokens_trained += trained
         if any(m[0] == "assistant" and m[1] == "analysis" for m in meta):
             res.rows_with_reasoning += 1
         if len(toks) > options.max_seq_length:
+            # Counted as training counts it: a dropped row trains nothing, a truncated one its first tokens.
             res.over_length += 1
-            if options.overlong == "truncate" and any(x != -100 for x in labels[:options.max_seq_length]):
+            kept = labels[:options.max_seq_length]
+            if options.overlong == "truncate" and any(x != -100 for x in kept):
                 res.would_truncate += 1
+                res.tokens_total += len(kept)
+                res.tokens_trained += sum(1 for x in kept if x != -100)
+                action = "truncated"
             else:
                 res.would_drop += 1
+                action = "dropped"
+            if len(res.overlong_rows) < MAX_SHOWN:
+                res.overlong_rows.append({"file": src.display, "line": line, "unit": src.unit,
+                                          "tokens": len(toks), "action": action})
+        else:
+            res.tokens_total += len(toks)
+            res.tokens_trained += trained
         if len(res.samples) < show:
             res.samples.append((line, list(toks), labels))
     res.rows, res.format = scan.records, scan.format
+    res.dropped_thinking = scan.dropped_thinking
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -130,6 +144,7 @@ def _histogram_bins(lengths: list[int], bins: int = 10) -> list[dict]:
     if lo == hi:
         return [{"from": lo, "to": hi, "rows": len(lengths)}]
     width = max(1, math.ceil((hi - lo + 1) / bins))
+    bins = math.ceil((hi - lo + 1) / width)  # no empty bins past the longest row (they printed as `75-74 | 0`)
     counts = [0] * bins
     for n in lengths:
         counts[min(bins - 1, (n - lo) // width)] += 1
@@ -200,6 +215,14 @@ def format_check(res: CheckResult, color: bool = False) -> str:
     if o.overlong == "truncate" and res.would_drop:
         w(f"; {res.would_drop} would lose every trained token and be dropped")
     w("\n")
+    if res.overlong_rows:
+        where = ", ".join(str(Problem(r["file"], r["line"], f"{r['tokens']:,} tokens", r["unit"]))
+                          for r in res.overlong_rows)
+        more = f" and {res.over_length - len(res.overlong_rows)} more" if res.over_length > len(res.overlong_rows) else ""
+        w(f"    at {where}{more}\n")
+    warning = format_dropped_thinking(res.path, res.dropped_thinking)
+    if warning:
+        w(f"  {warning}\n")
     if res.tokens_total:
         pct = 100 * res.tokens_trained / res.tokens_total
         w(f"  trained tokens  {res.tokens_trained} of {res.tokens_total} ({pct:.1f}%,"

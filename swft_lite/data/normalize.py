@@ -13,6 +13,7 @@ from swft_lite.data.sources import _Bad, _iter_records
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+WARNINGS_KEY = "_warnings"
 CHANNELS = ("analysis", "commentary", "final")
 
 
@@ -180,9 +181,33 @@ def _normalize_chat(messages: Any, row: dict, options: DataOptions) -> dict:
     out: list[list] = []  # [role, name, channel, recipient, content_type, content]
     last_tool = None
     n = len(loop)
+    # Turn order: gpt-oss's template renders whatever order it is given, and an answer following an answer is
+    # trained with a stray `<|start|>assistant` - so the order is checked here, where the row can be named.
+    prev = None  # (kind, message number): user | answer (an assistant final) | other (thinking-only, tool call, tool)
+    last_user = max((j for j, m in enumerate(loop) if m["role"] == "user"), default=-1)
+    dropped_thinking = []
     for j, m in enumerate(loop):
         i, role = m["_i"], m["role"]
         where = f"message {i} ({role})"
+        if j == 0 and role == "assistant":
+            problems.append(f"{where}: the conversation starts with an assistant turn; the first turn after "
+                            "system/developer messages must be the user's")
+        if role == "user":
+            if prev is not None and prev[0] == "user":
+                problems.append(f"{where}: two user turns in a row (messages {prev[1]} and {i}); merge them into one "
+                                "message, or put the assistant's answer between them")
+            prev = ("user", i)
+        elif role == "assistant":
+            if prev is not None and prev[0] == "answer":
+                problems.append(f"{where}: two assistant answers in a row (messages {prev[1]} and {i}); merge them "
+                                "into one answer, or put the user turn between them")
+            final = "tool_calls" not in m and m.get("content") not in (None, "") and not (
+                isinstance(m.get("content"), str) and not m["content"].strip())
+            prev = ("answer" if final else "other", i)
+            if j < last_user and any(m.get(k) not in (None, "") for k in ("thinking", "reasoning_content")):
+                dropped_thinking.append(i)
+        else:
+            prev = ("other", i)
         if role in ("system", "developer"):
             problems.append(f"{where}: a {role} message may only come before the first user turn (gpt-oss's template "
                             "would drop it); fold it into the first system message")
@@ -249,6 +274,8 @@ def _normalize_chat(messages: Any, row: dict, options: DataOptions) -> dict:
         raise RowError(problems)
     conv = {"e": effort, "d": "\n\n".join(dev_parts) or None, "t": tools, "m": out}
     _check_trainable([(m[0], m[2]) for m in out], options)
+    if dropped_thinking:  # popped by RowScan: a warning, not part of what is rendered
+        conv[WARNINGS_KEY] = {"dropped_thinking": dropped_thinking}
     return conv
 
 
@@ -431,6 +458,7 @@ class RowScan:
         self.first_line = None
         self.records = 0
         self.problems = 0
+        self.dropped_thinking = {"rows": 0, "first_line": None, "first_message": None, "unit": src.unit}
 
     def problem(self, line, message: str) -> None:
         self.problems += 1
@@ -460,6 +488,14 @@ class RowScan:
                 continue
             if self.format is None:
                 self.format, self.first_line = fmt_row, line
+            warnings = conv.pop(WARNINGS_KEY, None) if isinstance(conv, dict) else None
+            if warnings and warnings.get("dropped_thinking"):
+                # harmony keeps an assistant's reasoning only after the last user turn (gpt-oss's template drops
+                # earlier analysis), so `thinking` on an earlier assistant turn is not trained
+                d = self.dropped_thinking
+                d["rows"] += 1
+                if d["first_line"] is None:
+                    d["first_line"], d["first_message"] = line, warnings["dropped_thinking"][0]
             yield line, fmt_row, conv
         if self.records == 0 and self.problems == 0:
             self.problem(None, "no rows (the file is empty)")

@@ -36,6 +36,17 @@ class Problem:
         return f"{self.source}:{where}: {self.message}"
 
 
+def format_dropped_thinking(display: str, info: dict | None) -> str | None:
+    """The warning for rows whose `thinking` on an assistant turn before the last user turn is not trained (harmony
+    keeps reasoning only after the last user turn), naming how many rows and the first; None when there are none."""
+    if not info or not info.get("rows"):
+        return None
+    first = Problem(display, info["first_line"], f"message {info['first_message']}", info.get("unit", "line"))
+    return (f"warning: {info['rows']} row(s) have `thinking` on an assistant turn before the last user turn; "
+            f"gpt-oss's format drops that reasoning, so it is not trained (first: {first}). Split such "
+            "conversations into one row per answer to train their reasoning")
+
+
 class DataError(SwftError, ValueError):
     """The data can't be used; the message lists the problems as `FILE:LINE: what is wrong`."""
 
@@ -51,10 +62,12 @@ class DataError(SwftError, ValueError):
         super().__init__(message)
 
 
-def option(default, help: str | None = None, *, choices: tuple | None = None):  # noqa: A002 - click's word
-    """A dataclass field that is also a command-line flag: its default, choices and help are typed here once, and
-    `swft_lite.cli.field_option` builds the click option from them (TRL's dataclass-as-flags style)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help: str | None = None, *, choices: tuple | None = None,  # noqa: A002 - click's word
+           type: type | None = None, min: float | None = None):  # noqa: A002
+    """A dataclass field that is also a command-line flag: its default, choices, type (needed where the default is
+    None), lowest value and help are typed here once, and `swft_lite.cli.field_option` builds the click option from
+    them (TRL's dataclass-as-flags style)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "type": type, "min": min})
 
 
 def same_as(cls, name: str):

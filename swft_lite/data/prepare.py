@@ -80,7 +80,7 @@ def _validate_to_arrow(sources: list[Source], options: DataOptions, arrow_path: 
                 n_rows += 1
                 if len(buf["conv"]) >= 1000:
                     flush()
-            infos.append({"rows": scan.records, "format": scan.format})
+            infos.append({"rows": scan.records, "format": scan.format, "dropped_thinking": scan.dropped_thinking})
         flush()
     if count:
         raise DataError(f"{count} problem{'s' if count != 1 else ''} in the data; nothing was rendered. Run "
@@ -164,7 +164,8 @@ def prepare_data(train: str | None, eval: str | None, options: DataOptions | Non
         report["overlong_rows"] = [{**r, "file": sources[r["src"]].display} for r in report.get("overlong_rows", [])]
 
     def files_report(infos):
-        return {s.display: {"sha256": h, "rows": i["rows"], "format": i["format"], "role": r}
+        return {s.display: {"sha256": h, "rows": i["rows"], "format": i["format"], "role": r,
+                            "dropped_thinking": i.get("dropped_thinking")}
                 for s, h, i, r in zip(sources, hashes, infos, ("train", "eval"))}
 
     if (entry / "report.json").exists():

@@ -104,10 +104,18 @@ def _iter_records(src: Source, progress: bool = True) -> Iterator[tuple[int | No
     if src.kind == "jsonl":
         size = src.path.stat().st_size
         with _progress(size if progress else 0, f"reading {src.path.name}", "B") as bar, src.path.open("rb") as fh:
+            first = True
             for lineno, raw in enumerate(fh, 1):
                 bar.update(len(raw))
                 if not raw.strip():
                     continue
+                if first and raw.lstrip()[:1] == b"[":
+                    first = False
+                    if _is_json_array(src.path):  # a .json file saved as .jsonl: one sentence, not one per line
+                        yield None, _Bad(f"this is a JSON array, not JSON Lines (one object per line): rename it "
+                                         f"{src.path.with_suffix('.json').name}, or write one row per line")
+                        return
+                first = False
                 try:
                     yield lineno, json.loads(raw.rstrip(b"\r\n"))
                 except UnicodeDecodeError as exc:
@@ -140,18 +148,23 @@ def _iter_records(src: Source, progress: bool = True) -> Iterator[tuple[int | No
     if src.kind == "parquet":
         import pyarrow.parquet as pq
 
+        # A file that can't be read at all is a DataError (`data check` exits 2, as its help says), not a bad row.
         try:
             pf = pq.ParquetFile(src.path)
-        except Exception as exc:  # noqa: BLE001
-            yield None, _Bad(f"not a readable Parquet file: {exc}")
-            return
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            raise DataError(f"{src.display}: not a readable Parquet file ({exc}); write it again or convert it to "
+                            "JSONL") from None
         row = 0
         with _progress(pf.metadata.num_rows if progress else 0, f"reading {src.path.name}", "rows") as bar:
-            for batch in pf.iter_batches(batch_size=1024):
-                for rec in batch.to_pylist():
-                    row += 1
-                    yield row, rec
-                bar.update(batch.num_rows)
+            try:
+                for batch in pf.iter_batches(batch_size=1024):
+                    for rec in batch.to_pylist():
+                        row += 1
+                        yield row, rec
+                    bar.update(batch.num_rows)
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid / ArrowIOError are these
+                raise DataError(f"{src.display}: the Parquet file is damaged after row {row} ({exc}); write it "
+                                "again") from None
         return
     if src.kind == "csv":
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -181,6 +194,15 @@ def _iter_records(src: Source, progress: bool = True) -> Iterator[tuple[int | No
                 bar.update(n)
         return
     raise AssertionError(src.kind)
+
+
+def _is_json_array(path) -> bool:
+    """Whether a whole file parses as one JSON array (a pretty-printed .json saved under a .jsonl name)."""
+    try:
+        with open(path, "rb") as fh:
+            return isinstance(json.load(fh), list)
+    except (ValueError, OSError):
+        return False
 
 
 def _load_arrow(src: Source):
