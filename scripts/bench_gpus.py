@@ -9,8 +9,9 @@ profile's sequence length, every process's CUDA allocator capped at the profile'
 tokens/s of the whole run (rank 0's median tokens/s x N: every rank trains as many passes of the same shape),
 scaling (2-GPU tokens/s over 1-GPU), peak allocated/reserved per GPU; appended to benchmarks/gpus.json.
 
-The model and data are bench.py's (`--build` of the full shape into --model-dir, make_synthetic_data.py rows);
-build them first with `python scripts/bench.py --dry-run` for the paths, or let this script call them.
+The model and data are bench.py's: its `--build` of the full shape into --model-dir (done here when the folder has
+no .complete marker; tokenizer files from ../shared/models/gpt-oss-20b or the carried .device/gpt-oss-20b, as
+bench.py), and make_synthetic_data.py rows of each profile's sequence length.
 NOT RUN YET: no multi-GPU machine was lent (see README, "Several GPUs").
 """
 
@@ -85,6 +86,18 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "gpus.json"))
     args = ap.parse_args(argv)
     work = Path(args.work)
+    if not args.dry_run and not (Path(args.model_dir) / ".complete").exists():
+        # bench.py's full-shape random model (its --build), from the tokenizer folder it looks for
+        sys.path.insert(0, str(REPO / "scripts"))
+        import bench
+
+        tok = next((p for p in (REPO.parent / "shared" / "models" / "gpt-oss-20b", REPO / ".device" / "gpt-oss-20b")
+                    if p.exists()), None)
+        if tok is None:
+            raise SystemExit("bench_gpus: no tokenizer folder (../shared/models/gpt-oss-20b or .device/gpt-oss-20b)")
+        bench.prepare_model_source(tok, work, None)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--build", "--model-dir", args.model_dir,
+                        "--work", str(work)], check=True)
     runs = []
     for name in args.profiles:
         profile = load_profile(name)
