@@ -18,6 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from swft_lite.distributed import local_rank, world_size
 from swft_lite.errors import BackendError
 from swft_lite.profiles import Profile
 
@@ -142,9 +143,9 @@ def load_hf(model_path: str, profile: Profile, *, gradient_checkpointing: bool, 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": local_rank()}  # each DDP process its own GPU
     elif torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": local_rank()}  # each DDP process its own GPU
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_path, token=token)
     # Not peft.prepare_model_for_kbit_training: it casts every weight bitsandbytes left unquantized to fp32, and on
@@ -190,6 +191,8 @@ def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None)
         # Load what was named: Unsloth otherwise maps gpt-oss names to its pre-quantized repos (see
         # train.BF16_EQUIVALENT for why that layout does not merge back).
         use_exact_model_name=True,
+        # Under torchrun each process loads onto its own GPU (LOCAL_RANK); one process keeps Unsloth's default.
+        **({"device_map": {"": local_rank()}} if world_size() > 1 else {}),
     )
     model = FastLanguageModel.get_peft_model(
         model,

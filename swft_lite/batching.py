@@ -107,12 +107,22 @@ def packed_batches(lengths: list[int], budget: int, seed: int) -> list[list[int]
 
 
 class EpochBatchSampler:
-    """A batch sampler over fixed batches whose order is shuffled per epoch (`set_epoch`, called by the Trainer)."""
+    """A batch sampler over fixed batches whose order is shuffled per epoch (`set_epoch`, called by the Trainer).
 
-    def __init__(self, batches: list[list[int]], seed: int):
+    Under data parallel (`num_replicas` processes) it is this rank's share: the epoch's order is the same on every
+    rank, and round k gives rank r the batch k * num_replicas + r, so the passes of an optimizer step are disjoint
+    across ranks and together are the passes one process with num_replicas times the accumulation takes in that
+    step. When the epoch's batches do not divide by num_replicas, the ranks left without one in the last round take
+    a filler pass (index `filler`, which `WithFiller` turns into a row with no trained token): every rank takes the
+    same number of passes, as DDP needs, and nothing is trained twice (accelerate's own sharding would repeat the
+    epoch's first batches instead)."""
+
+    def __init__(self, batches: list[list[int]], seed: int, num_replicas: int = 1, rank: int = 0,
+                 filler: int | None = None):
         self.batches = batches
         self.seed = seed
         self.epoch = 0
+        self.num_replicas, self.rank, self.filler = num_replicas, rank, filler
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -123,11 +133,36 @@ class EpochBatchSampler:
         return ids
 
     def __iter__(self):
-        for b in self.order():
-            yield list(self.batches[b])
+        order = self.order()
+        if self.num_replicas == 1:
+            for b in order:
+                yield list(self.batches[b])
+            return
+        for k in range(len(self)):
+            i = k * self.num_replicas + self.rank
+            yield list(self.batches[order[i]]) if i < len(order) else [self.filler]
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return -(-len(self.batches) // self.num_replicas)
+
+
+class WithFiller:
+    """A dataset of rendered rows plus one more index, len(dataset): a copy of row `source` whose labels are all
+    -100. A filler pass trains nothing: no token counts in the step's num_items_in_batch, its loss is 0 and so is its
+    gradient (with router_aux_loss_coef 0, every profile's default; the load-balancing loss has no labels to mask)."""
+
+    def __init__(self, dataset, source: int):
+        self.dataset, self.source = dataset, source
+
+    def __len__(self) -> int:
+        return len(self.dataset) + 1
+
+    def __getitem__(self, i: int) -> dict:
+        if i != len(self.dataset):
+            return self.dataset[i]
+        row = dict(self.dataset[self.source])
+        row["labels"] = [IGNORE] * len(row["input_ids"])
+        return row
 
 
 def plan_batches(lengths: list[int], mode: str, *, token_budget: int = 0, batch_size: int = 1,
@@ -238,6 +273,26 @@ def dataset_lengths(dataset) -> list[int]:
     return lengths
 
 
+def prepare_batch_loader(prepare, dataset, sampler: EpochBatchSampler, collate_fn, world_size: int = 1,
+                         rank: int = 0, **loader_kwargs):
+    """The training DataLoader over `sampler`'s batches, through `prepare` (the Trainer's accelerator.prepare:
+    device placement, resume's skip_first_batches, set_epoch). With several processes the sampler shards itself
+    (EpochBatchSampler's rounds and filler) and accelerate's BatchSamplerShard, which prepare wraps around any batch
+    sampler, is made a pass-through, as transformers does for its own rank-aware BatchRebalanceSampler."""
+    from torch.utils.data import DataLoader
+
+    if world_size > 1:
+        lengths = dataset_lengths(dataset)
+        shortest = min(range(len(lengths)), key=lengths.__getitem__)
+        sampler.num_replicas, sampler.rank, sampler.filler = world_size, rank, len(dataset)
+        dataset = WithFiller(dataset, shortest)
+    loader = prepare(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **loader_kwargs))
+    wrapper = getattr(loader, "batch_sampler", None)
+    if world_size > 1 and getattr(wrapper, "batch_sampler", None) is sampler:
+        wrapper.num_processes, wrapper.process_index = 1, 0
+    return loader
+
+
 def with_batch_sampler(trainer_cls):
     """`trainer_cls` (TRL's SFTTrainer, or Unsloth's patched one) whose training DataLoader takes its batches from
     `trainer.swft_batch_sampler` when that is set. Everything else - evaluation, resume (accelerate's
@@ -250,12 +305,10 @@ def with_batch_sampler(trainer_cls):
         def get_train_dataloader(self):
             if self.swft_batch_sampler is None:
                 return super().get_train_dataloader()
-            from torch.utils.data import DataLoader
-
-            loader = DataLoader(self.train_dataset, batch_sampler=self.swft_batch_sampler,
-                                collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
-                                pin_memory=self.args.dataloader_pin_memory)
-            return self.accelerator.prepare(loader)
+            return prepare_batch_loader(self.accelerator.prepare, self.train_dataset, self.swft_batch_sampler,
+                                        self.data_collator, self.args.world_size, self.args.process_index,
+                                        num_workers=self.args.dataloader_num_workers,
+                                        pin_memory=self.args.dataloader_pin_memory)
 
     BatchSamplerTrainer.__name__ = f"BatchSampler{trainer_cls.__name__}"
     return BatchSamplerTrainer

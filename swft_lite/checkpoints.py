@@ -110,7 +110,7 @@ def completion_marker_callback():
     class CompletionMarker(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             ckpt = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
-            if ckpt.is_dir():
+            if ckpt.is_dir() and state.is_world_process_zero:  # under DDP rank 0 marks (and writes) checkpoints
                 write_marker(ckpt)
 
     return CompletionMarker()
@@ -191,7 +191,10 @@ class RunGuard:
         if exc is None or self.closed:  # no failure, or one raised after the final status was written
             return False
         if not self.started and not self.resumed:
-            shutil.rmtree(self.run.path, ignore_errors=True)
+            from swft_lite.distributed import is_main_process
+
+            if is_main_process():  # under several processes the folder is rank 0's to remove
+                shutil.rmtree(self.run.path, ignore_errors=True)
             if isinstance(exc, KeyboardInterrupt):
                 raise TrainInterrupted(f"interrupted before training started; nothing was trained, {self.run.path} "
                                        "was removed") from None

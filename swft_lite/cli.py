@@ -42,6 +42,11 @@ def usage_stage():
 class SwftGroup(click.Group):
     """The one place where a user-fixable error (every `SwftError`, of any command) becomes one `Error:` line."""
 
+    def parse_args(self, ctx, args):
+        # The arguments as typed, for `train --gpus N`, which starts itself again under torchrun with them.
+        ctx.meta["swft_argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -219,6 +224,7 @@ def profiles_show(profile_ref, as_json, set_values, **flags):
 @field_option(TrainOptions, "reasoning_effort")
 @field_option(TrainOptions, "date")
 @field_option(TrainOptions, "seed")
+@field_option(TrainOptions, "gpus")
 @click.option("--resume", is_flag=True, help="Continue --run-name from its last checkpoint (refused if the data or "
               "settings changed).")
 @click.option("--force-resume", is_flag=True, help="Resume even though data or settings changed.")
@@ -255,13 +261,36 @@ def train_cmd(profile_ref, set_values, **kwargs):
         profile_ref = _recommended_profile_name()
     profile = resolve_profile(profile_ref, set_values, flags)
     options = TrainOptions(output_root=kwargs.pop("output_root"), **kwargs)
+    _launch_if_several_gpus(profile, options)
     try:
         run_dir = train(profile, options, echo=click.echo)
     except KeyboardInterrupt:
         # Before the run folder exists (the data step); once it does, train() turns Ctrl-C into TrainInterrupted.
         fail("interrupted before training started; nothing was trained", code=130)
-    if run_dir is not None:
+    from swft_lite import distributed
+
+    distributed.finish()
+    if run_dir is not None and distributed.is_main_process():
         click.secho(f"done: {run_dir}", fg="green")
+
+
+def _launch_if_several_gpus(profile: Profile, options: TrainOptions) -> None:
+    """--gpus N > 1: checked here (GPUs, cards, profile, resume), then the same arguments run under torchrun, one
+    process per GPU; this process waits and exits with its status."""
+    from swft_lite import distributed
+
+    with usage_stage():
+        n, why = distributed.plan_launch(profile, options)
+    if n == 0:
+        return
+    argv = click.get_current_context().meta["swft_argv"]
+    click.echo(f"gpus: {why}; starting {n} processes: torchrun --nproc-per-node {n} --standalone "
+               f"-m swft_lite.cli {' '.join(argv)}")
+    try:
+        code = distributed.relaunch(n, argv)
+    except KeyboardInterrupt:
+        fail("aborted; the run folder keeps the last saved checkpoint", code=130)
+    sys.exit(code)
 
 
 def _recommended_profile_name() -> str:
@@ -374,9 +403,13 @@ def data_check(path, profile_ref, max_seq_length, mask, overlong, fmt, reasoning
 @click.option("--plan", "plan_gib", type=click.FloatRange(1), default=None, metavar="GIB",
               help="Tailor a profile to a card of this many GiB (longest rows, then largest batch that fit) and "
                    "estimate it.")
+@click.option("--gpus", type=click.IntRange(1), default=1, show_default=True,
+              help="GPUs of data parallel training (--gpus of train): the estimate is per GPU (the profile on each); "
+                   "the global batch is printed too.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @profile_options
-def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib, as_json, set_values, **flags):
+def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib, gpus, as_json, set_values,
+                 **flags):
     """Predict peak GPU memory of training a profile, part by part, and whether it fits the card.
 
     \b
@@ -405,9 +438,17 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
     with usage_stage():
         results = [est.estimate(p, shape, stack=stack, card_gib=gpu_gib) for p in profiles]
     single = len(profiles) == 1
+    from swft_lite.distributed import Layout
+
+    def per_gpu(p) -> dict:
+        layout = Layout(gpus, p.per_device_batch_size, p.gradient_accumulation_steps)
+        return {"gpus": gpus, "per_gpu": True, "global_batch": layout.global_batch,
+                "global_tokens_per_step": p.tokens_per_step * gpus}
+
     if as_json:
         if single:
-            click.echo(json.dumps({**results[0].to_dict(), "settings": profiles[0].to_dict()}, indent=2))
+            click.echo(json.dumps({**results[0].to_dict(), **per_gpu(profiles[0]), "settings": profiles[0].to_dict()},
+                                  indent=2))
         else:
             click.echo(json.dumps({"estimates": [{**e.to_dict(), "settings": p.to_dict()}
                                                  for e, p in zip(results, profiles)]}, indent=2))
@@ -415,6 +456,11 @@ def estimate_cmd(profile_ref, model, seq, batch, rank, stack, gpu_gib, plan_gib,
         if plan_gib is not None:
             click.echo(f"plan: {profiles[0].description}")
         click.echo(est.format_estimate(results[0], profiles[0]))
+        if gpus > 1:
+            p = profiles[0]
+            click.echo(f"{gpus} GPUs, data parallel: the estimate above is per GPU (every GPU holds the model and the "
+                       f"profile); {Layout(gpus, p.per_device_batch_size, p.gradient_accumulation_steps).describe()}, "
+                       f"{p.tokens_per_step * gpus:,} tokens a step at full rows")
     else:
         header = ("profile", "card", "rows x seq", "LoRA", "weights", "allocated", "reserved", "limit", "verdict")
         table = [header]

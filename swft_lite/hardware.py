@@ -637,9 +637,16 @@ def to_json(report: DetectReport, profile, reason: str, tailored: dict | None = 
         "recommended_profile": None if profile is None else profile.name,
         "reason": reason,
         "tailored": tailored,
+        "several_gpus": None if len(g.gpus) <= 1 else _gpus_plan(g.gpus, profile),
         "notes": g.notes,
     }
     return json.dumps(doc, indent=2)
+
+
+def _gpus_plan(gpus, profile) -> dict:
+    from swft_lite.distributed import gpus_plan
+
+    return gpus_plan(gpus, profile)
 
 
 def no_gpu_sentence(probe: GpuProbe) -> str:
@@ -685,8 +692,10 @@ def format_report(report: DetectReport, profile, reason: str, tailored: dict | N
         hidden = f" ({g.hidden} hidden)" if g.hidden else ""
         out.append(f"  CUDA_VISIBLE_DEVICES={report.cuda_visible_devices!r}{hidden}")
     if len(g.gpus) > 1:
-        out.append(f"  Training uses one GPU: cuda:0 ({g.gpus[0].name}). To use another, set "
-                   "CUDA_VISIBLE_DEVICES to its number.")
+        from swft_lite.distributed import gpus_plan
+
+        out.append(f"  Without --gpus, training uses one GPU: cuda:0 ({g.gpus[0].name}). Several: "
+                   f"{gpus_plan(g.gpus, profile)['sentence']}.")
     for note in g.notes:
         out.append(f"  Note: {note}")
 

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from swft_lite import __version__
+from swft_lite import distributed
 from swft_lite.base_identity import write_record as _write_base_identity
 from swft_lite.checkpoints import (RunGuard, TrainInterrupted, checkpoint_for_resume, completion_marker_callback,
                                    history_until)
@@ -69,6 +70,9 @@ class TrainOptions:
     date: str = same_as(DataOptions, "date")
     num_proc: int | None = None
     dry_run: bool = False                 # print the plan (data, batches, steps, memory, time) and stop
+    gpus: str = option("1", help="GPUs to train on, one process each (data parallel, the profile on every GPU): a "
+                                 "number, or 'auto' for every visible GPU that fits the profile. More than 1 starts "
+                                 "the run under torchrun; under your own torchrun its world size is used.")
 
     def run_dir(self, profile: Profile) -> Path:
         name = self.run_name or f"{profile.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -266,7 +270,7 @@ def _callbacks(stop: _StopRequest, run_log: dict, counter: TokenCounter, tb_writ
 
         def on_train_begin(self, args, state, control, **kw):
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
-                            dynamic_ncols=True)
+                            dynamic_ncols=True, disable=not distributed.is_main_process())
             self.last_time = time.perf_counter()
             self.last_tokens = 0
 
@@ -344,7 +348,7 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
     best_at_end = has_eval and options.save_steps % options.eval_steps == 0
     # TensorBoard is attached by train() with its own writer (transformers 5 dropped `logging_dir`).
     report_to = ["wandb"] if options.wandb else []
-    return SFTConfig(
+    return distributed.adjust_training_args(SFTConfig(
         output_dir=str(RunFolder(run_dir).checkpoints),
         report_to=report_to,
         run_name=run_dir.name,
@@ -384,7 +388,8 @@ def sft_config(profile: Profile, options: TrainOptions, run_dir: Path, has_eval:
         dataset_num_proc=options.num_proc,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-    )
+        **distributed.ddp_settings(),
+    ))
 
 
 def plan_training(profile: Profile, options: TrainOptions, train_dataset, backend: str) -> dict:
@@ -400,10 +405,14 @@ def plan_training(profile: Profile, options: TrainOptions, train_dataset, backen
     _, plan = plan_batches(lengths, mode, token_budget=profile.token_budget,
                            batch_size=profile.per_device_batch_size, seed=options.seed)
     accumulation = profile.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(plan.micro_batches / accumulation)
+    # Under data parallel every process takes every N-th pass (accelerate's BatchSamplerShard): passes and time
+    # below are one process's, tokens the whole run's.
+    world = distributed.world_size()
+    rank_batches = math.ceil(plan.micro_batches / world)
+    steps_per_epoch = math.ceil(rank_batches / accumulation)
     steps = options.max_steps or math.ceil(profile.num_epochs * steps_per_epoch)
-    passes = min(steps * accumulation, math.ceil(plan.micro_batches * (steps / steps_per_epoch)))
-    epochs = passes / max(plan.micro_batches, 1)
+    passes = min(steps * accumulation, math.ceil(rank_batches * (steps / steps_per_epoch)))
+    epochs = passes / max(rank_batches, 1)
     memory = est.estimate(profile, stack="hf" if backend == "hf" else "unsloth")
     timing = est.pass_time(profile) if backend == "unsloth" else None
     return {
@@ -414,7 +423,9 @@ def plan_training(profile: Profile, options: TrainOptions, train_dataset, backen
         "tokens": round(plan.tokens * epochs), "computed_tokens": round(plan.padded_tokens * epochs),
         "memory": {"reserved_gib": round(memory.reserved_gib, 2), "limit_gib": memory.limit_gib,
                    "fits": memory.fits, "stack": memory.stack},
-        "eta_seconds": None if timing is None else round(timing.seconds(passes, plan.padded_tokens * epochs)),
+        "world_size": world,
+        "global_batch": distributed.Layout(world, profile.per_device_batch_size, accumulation).global_batch,
+        "eta_seconds": None if timing is None else round(timing.seconds(passes, plan.padded_tokens * epochs / world)),
         "eta_source": None if timing is None else timing.source,
     }
 
@@ -443,8 +454,16 @@ def format_plan(profile: Profile, plan: dict, backend: str) -> str:
     lines.append(f"  memory     ~{m['reserved_gib']:.1f} GiB reserved (estimate, {m['stack']} stack) of a "
                  f"{profile.vram_budget_gib:g} GiB card's {m['limit_gib']:g} GiB limit: "
                  f"{'fits' if m['fits'] else 'does NOT fit'}")
+    world = plan.get("world_size", 1)
+    if world > 1:
+        unit = "rows" if b["mode"] == "fixed" else "passes"
+        per = profile.per_device_batch_size if b["mode"] == "fixed" else 1
+        layout = distributed.Layout(world, per, profile.gradient_accumulation_steps)
+        lines.append(f"  GPUs       {world} processes, data parallel, the profile on each: {layout.describe(unit)}; "
+                     f"{plan['micro_batches']:,} passes each")
     if plan["eta_seconds"] is not None:
-        lines.append(f"  time       ~{_duration(plan['eta_seconds'])} ({plan['eta_source']})")
+        scaled = f", {world} GPUs assumed to scale fully (not measured)" if world > 1 else ""
+        lines.append(f"  time       ~{_duration(plan['eta_seconds'])} ({plan['eta_source']}{scaled})")
     else:
         lines.append(f"  time       no measured speed for these settings on the {backend} backend")
     fill = b["tokens"] / max(1, b["micro_batches"] * profile.per_device_batch_size * profile.max_seq_length)
@@ -465,14 +484,19 @@ def _duration(seconds: float) -> str:
 
 def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
     """Run one training job end to end; returns the run folder (None for a dry run, which only prints the plan)."""
+    echo = distributed.echo_for_rank(echo)  # several processes (--gpus N): rank 0 speaks and writes
     model_path, backend, run = setup_run(profile, options, echo)
-    prepared = prepare_data(profile, options, echo)
+    distributed.rank_zero_writes(run)
+    distributed.barrier()  # every rank has checked the run folder before rank 0 writes into it
+    prepared = distributed.main_first(lambda: prepare_data(profile, options, echo))
     train_eval.check_options(options, prepared)  # before any model loads
     plan = plan_training(profile, options, prepared.train, backend)
     echo(format_plan(profile, plan, backend))
     if options.dry_run:
         return None
-    record, resume_from = start_record(run, profile, options, model_path, backend, prepared.report, plan, echo)
+    record, resume_from = distributed.main_first(
+        lambda: start_record(run, profile, options, model_path, backend, prepared.report, plan, echo),
+        others=lambda: (run.read_record(), checkpoint_for_resume(run.checkpoints, echo) if options.resume else None))
     # From here the run folder exists: whatever ends the run, run.json ends with a final status (swft_lite.checkpoints).
     with RunGuard(run, record, model_path, options.resume, _now) as guard:
         if resume_from is not None:  # the history logged before the stop, up to the checkpoint resumed from
@@ -489,6 +513,8 @@ def train(profile: Profile, options: TrainOptions, echo=print) -> Path | None:
             guard.finish("interrupted", f"Ctrl-C: stopped after step {step}, checkpoint saved")
             raise TrainInterrupted(f"interrupted at step {step}; checkpoint-{step} saved under {run.checkpoints}. "
                                    f"Continue with the same command plus --resume --run-name {run.name}")
+        if not distributed.is_main_process():
+            return run.path  # rank 0 records, saves and merges the (identical) trained model
         record_probe(run, record, trainer, tokenizer, echo)
         adapter_dir = save_adapter(run, record, trainer, tokenizer, echo)
         if options.merge:
@@ -515,7 +541,8 @@ def setup_run(profile: Profile, options: TrainOptions, echo) -> tuple[str, str, 
         backend = choose_backend(options.backend)
     if backend == "unsloth" and not options.dry_run:
         import_unsloth()  # before the data step imports transformers
-    run_dir = options.run_dir(profile)
+    # Without --run-name the folder is named by the time: every process takes rank 0's name.
+    run_dir = Path(distributed.from_rank_zero(str(options.run_dir(profile))))
     if options.resume and options.run_name is None:
         raise TrainError("--resume needs the run to continue: --run-name NAME (a folder under "
                          f"{options.output_root}/)")
@@ -565,6 +592,8 @@ def start_record(run: RunFolder, profile: Profile, options: TrainOptions, model_
             raise TrainError(f"--resume: the data or settings differ from the ones {run.path} was started with "
                              f"({changes}). Resuming would mix two runs. Use the same profile, flags and data, "
                              "or --force-resume to continue anyway.")
+        distributed.check_resume_world(record.get("world_size"), distributed.world_size(), options.force_resume,
+                                       run.path)
         resume_from = checkpoint_for_resume(run.checkpoints, echo)
         if resume_from is None:
             raise TrainError(f"--resume: {run.checkpoints} holds no complete checkpoint; start again with "
@@ -590,6 +619,7 @@ def start_record(run: RunFolder, profile: Profile, options: TrainOptions, model_
         "data": data_report,
         "plan": plan,
         "padding_fraction": plan["batching"]["padding_fraction"],
+        "world_size": distributed.world_size(),
     })
     run.write_record(record)
     return record, resume_from
@@ -602,6 +632,11 @@ def load_model(run: RunFolder, record: RunRecord, backend: str, model_path: str,
     echo(f"model: loading {model_path} with the {backend} backend "
          f"({'4-bit' if profile.load_in_4bit else 'bf16/fp32'} weights, LoRA r={profile.lora_rank} on "
          f"{profile.lora_targets})")
+    from transformers import set_seed
+
+    # The LoRA init comes from --seed, not from whatever the process drew before: one process and N processes
+    # (whose rank 0 draws differently: torch.distributed's setup, measured) then start from the same adapter.
+    set_seed(record["options"]["seed"])
     t_load = time.perf_counter()
     model, tokenizer, adapters = load_for_training(backend, model_path, profile)
     record["gpu"] = gpu_description()
@@ -629,7 +664,8 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
     args = sft_config(profile, options, run.path, prepared.eval is not None)
     # A resumed run keeps the history it logged before it stopped.
     run_log: dict = {k: record.history(k) for k in ("losses", "eval_losses", "tokens_per_second")}
-    tb_writer = SummaryWriter(log_dir=str(run.tensorboard), flush_secs=10)
+    tb_writer = (SummaryWriter(log_dir=str(run.tensorboard), flush_secs=10) if distributed.is_main_process()
+                 else distributed.SilentWriter())
     trainer = with_batch_sampler(SFTTrainer)(model=model, args=args, train_dataset=prepared.train,
                                              eval_dataset=prepared.eval, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)

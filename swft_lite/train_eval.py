@@ -28,6 +28,7 @@ import math
 import time
 from pathlib import Path
 
+from swft_lite import distributed
 from swft_lite.errors import TrainError
 
 # name -> greater is better. eval_loss is the Trainer's; the rest are swft_lite.metrics.summarize's shares.
@@ -142,7 +143,8 @@ class _GenerationEval:
             model.train(was_training)
         result = ev.score(f"step {step}", "the model being trained", self.rows, answers, self.checker)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        ev.write_rows(self.out_dir / f"step-{step}.jsonl", self.rows, [result])
+        if distributed.is_main_process():  # every rank generates the same answers (same model); rank 0 writes them
+            ev.write_rows(self.out_dir / f"step-{step}.jsonl", self.rows, [result])
         s = result.summary
         figures = {k: s[k] for k in GENERATION_METRICS if s.get(k) is not None}
         figures.update(generated_tokens=gen["generated_tokens"], generation_seconds=round(time.perf_counter() - t0, 3))

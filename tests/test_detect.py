@@ -153,10 +153,13 @@ def test_two_gpus_are_both_listed_and_training_uses_the_first(machine):
     out = detect()
     assert "cuda:0  NVIDIA GeForce RTX 3090: 24.00 GiB total, 23.17 GiB free" in out
     assert "cuda:1  NVIDIA GeForce RTX 3090: 24.00 GiB total, 23.67 GiB free" in out
-    assert "Training uses one GPU: cuda:0" in out
+    assert "Without --gpus, training uses one GPU: cuda:0 (NVIDIA GeForce RTX 3090). Several: --gpus 2 (or auto) " \
+           "trains on cuda:0-1, one process each, profile rtx3090 on every GPU: global batch 2 x 4 x 2 GPU(s) = 16 " \
+           "rows an optimizer step." in out
     doc = detect_json()
     assert [(g["index"], g["uuid"]) for g in doc["gpus"]] == [(0, UUID0), (1, UUID1)]
     assert doc["recommended_profile"] == "rtx3090"
+    assert doc["several_gpus"]["gpus"] == 2
 
 
 def test_two_real_h200s_are_both_listed(machine):
