@@ -277,10 +277,10 @@ def train_cmd(profile_ref, set_values, **kwargs):
 def _launch_if_several_gpus(profile: Profile, options: TrainOptions) -> None:
     """--gpus N > 1: checked here (GPUs, cards, profile, resume), then the same arguments run under torchrun, one
     process per GPU; this process waits and exits with its status."""
-    from swft_lite import distributed
+    from swft_lite import distributed, hardware
 
     with usage_stage():
-        n, why = distributed.plan_launch(profile, options)
+        n, why = distributed.plan_launch(profile, options, lambda: hardware.probe_gpus().gpus)
     if n == 0:
         return
     argv = click.get_current_context().meta["swft_argv"]

@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from swft_lite.errors import SwftError
 
@@ -263,10 +263,11 @@ def rank_zero_writes(run) -> None:
         run.write_record = lambda *a, **k: None
 
 
-def plan_launch(profile, options, gpus: list | None = None) -> tuple[int, str]:
+def plan_launch(profile, options, probe_gpus: Callable[[], list]) -> tuple[int, str]:
     """What `swft-lite train` does with --gpus before anything is loaded: (processes to launch, why); 0 means train
     in this process (one GPU, or already one of torchrun's processes). Every refusal is a DistributedError naming
-    the numbers. `gpus`: the visible GPUs (default: probed as `swft-lite detect` does)."""
+    the numbers. `probe_gpus()`: the visible GPUs, asked for only when --gpus needs them (the caller passes
+    hardware's probe: hardware imports this module for detect's several-GPU line, so this one does not import it)."""
     spec = parse_gpus(options.gpus)
     if under_launcher():
         n = world_size()
@@ -276,11 +277,7 @@ def plan_launch(profile, options, gpus: list | None = None) -> tuple[int, str]:
         return 0, f"process {rank()} of {n} (started by torchrun)"
     if spec == 1:
         return 0, "one GPU"
-    if gpus is None:
-        from swft_lite import hardware
-
-        gpus = hardware.probe_gpus().gpus
-    n, why = resolve_gpus(spec, gpus, profile)
+    n, why = resolve_gpus(spec, probe_gpus(), profile)
     if options.resume and options.run_name:
         from swft_lite.run_folder import RunFolder
 

@@ -135,11 +135,12 @@ def test_under_torchrun_the_launcher_decides_and_gpus_must_agree(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
     options = type("O", (), {"gpus": "1", "resume": False})()
-    assert distributed.plan_launch(h100, options)[0] == 0  # train here, as process 1 of 4
+    not_probed = lambda: pytest.fail("under torchrun the launcher's WORLD_SIZE decides; no GPU is probed")  # noqa: E731
+    assert distributed.plan_launch(h100, options, not_probed)[0] == 0  # train here, as process 1 of 4
     assert not distributed.is_main_process() and distributed.world_size() == 4
     options.gpus = "2"
     with pytest.raises(distributed.DistributedError, match="WORLD_SIZE=4"):
-        distributed.plan_launch(h100, options)
+        distributed.plan_launch(h100, options, not_probed)
 
 
 def test_detect_says_what_gpus_would_do_for_mismatched_cards(monkeypatch):

@@ -206,7 +206,7 @@ def test_train_merge_and_export_end_to_end(tmp_path, gpt_oss_files, llama_cpp_di
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "e2e"
     record = json.loads((run / "run.json").read_text())
-    assert record["status"] == "finished"
+    assert record["status"] == "completed"
     check = record["merge"]["verification"]
     assert check["passed"] and not check["adapter_is_noop"]
     assert record["merge"]["lora_tensors_merged"] == 2 * (4 + 2)  # every attention module and expert tensor

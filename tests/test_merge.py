@@ -48,6 +48,7 @@ def make_adapter(base_dir: Path, adapter_dir: Path, *, std: float = 0.05, seed: 
 
     model = GptOssForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=ATTN, target_parameters=EXPERTS)
+    torch.manual_seed(seed)  # lora_A's init draws from the global generator: the same adapter whatever ran before
     peft_model = get_peft_model(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
