@@ -131,7 +131,10 @@ def cmd_report(args) -> int:
 
 def cmd_losses(args) -> int:
     """The same rows trained plain (one row a pass) and packed, one epoch each from the same seed, with the same
-    held-out rows evaluated along the way: the eval losses must agree (packing changes the batches, not the task)."""
+    held-out rows evaluated along the way: the eval losses must agree (packing changes the batches, not the task).
+    The packed run goes first; the plain run then accumulates as many rows per optimizer step as the packed run's
+    steps held on average (--accum applies to the packed run), so both take the same number of optimizer steps
+    under the same learning-rate schedule and their curves compare step for step."""
     out = Path(args.out or os.environ.get("OUT") or REPO / "benchmarks")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
@@ -144,12 +147,16 @@ def cmd_losses(args) -> int:
                                     "--set", "per_device_batch_size=1"]}
     result = {"model": args.model_dir, "profile": args.profile, "train_rows": args.rows, "eval_rows": args.eval_rows,
               "token_budget": args.token_budget, "runs": {}}
-    for name, extra in runs.items():
+    accum = {"packed": args.accum, "plain": args.accum}
+    for name in ("packed", "plain"):
+        extra = runs[name]
         if name not in args.runs.split(","):
             continue
+        if name == "plain" and "packed" in result["runs"] and result["runs"]["packed"]["optimizer_steps"]:
+            accum["plain"] = max(1, round(args.rows / result["runs"]["packed"]["optimizer_steps"]))
         cmd = [sys.executable, "-m", "swft_lite.cli", "train", "--profile", args.profile, "--model", args.model_dir,
                "--data", str(train_file), "--eval-data", str(eval_file), "--backend", "unsloth", "--no-merge",
-               "--set", "num_epochs=1", "--set", f"gradient_accumulation_steps={args.accum}",
+               "--set", "num_epochs=1", "--set", f"gradient_accumulation_steps={accum[name]}",
                "--eval-steps", str(args.eval_steps), "--save-steps", "100000", "--output-root", str(work / "runs"),
                "--run-name", name, "--overwrite", *extra]
         t0 = time.monotonic()
@@ -159,6 +166,7 @@ def cmd_losses(args) -> int:
         record = json.loads(record_file.read_text()) if record_file.exists() else {}
         steps = max([x["step"] for x in record.get("losses", [])] or [1])
         result["runs"][name] = {"rc": rc, "wall": round(time.monotonic() - t0, 1), "optimizer_steps": steps,
+                                "gradient_accumulation_steps": accum[name],
                                 "eval_losses": [{"epoch_fraction": round(e["step"] / steps, 3), **e}
                                                 for e in record.get("eval_losses", [])],
                                 "losses": record.get("losses"), "plan": record.get("plan")}

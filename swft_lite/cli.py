@@ -592,6 +592,7 @@ def eval_cmd(run, data_path, predictions, compare, as_json, rows_out, max_new_to
     \b
       swft-lite eval output/RUN --data val.jsonl --compare     generate (greedy), score, eval loss, both models
       swft-lite eval --predictions answers.jsonl               score answers generated elsewhere
+      swft-lite eval --fetch-mermaid                           install Mermaid's own parser (npm) and exit
     \b
     source_refs     cited claims / claims: a claim (list item, sentence, table row) cites PATH:LINE(-LINE) of a
                     file shown in the prompt (fenced block with a path label, <file path=...>), line within it
@@ -608,7 +609,13 @@ def eval_cmd(run, data_path, predictions, compare, as_json, rows_out, max_new_to
     log = (lambda s: click.echo(s, err=True))
     try:
         if fetch_mermaid:
-            M.install_mermaid(log=log)
+            try:
+                where = M.install_mermaid(log=log)
+            except RuntimeError as exc:
+                raise ev.EvalError(f"--fetch-mermaid: {exc}; without it eval uses --mermaid-checker subset") from None
+            if not (run or data_path or predictions):
+                click.echo(f"Mermaid's own parser is installed in {where}; eval checks diagrams with it from now on.")
+                return
         try:
             checker, why = M.mermaid_checker(mermaid_checker)
         except RuntimeError as exc:

@@ -149,3 +149,14 @@ def test_score_and_summarize():
     assert s["rows"] == 2 and s["claims"] == 6 and s["cited_claims"] == 3 and s["source_refs"] == pytest.approx(0.5)
     assert s["markdown_valid"] == 1.0 and s["mermaid_valid"] == 0.0 and s["mermaid_blocks"] == 1
     assert s["format_ok"] == 1.0
+
+
+def test_fetch_mermaid_without_npm_is_one_error_line(tmp_path):
+    from click.testing import CliRunner
+
+    from swft_lite.cli import main
+
+    result = CliRunner().invoke(main, ["eval", "--fetch-mermaid"], env={"PATH": str(tmp_path)})
+    assert result.exit_code != 0 and not isinstance(result.exception, RuntimeError), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "npm is not installed" in errors[0] and "subset" in errors[0], result.output
