@@ -14,6 +14,8 @@ not one; `Trainer.train(resume_from_checkpoint=...)` then dies on the missing fi
 `RunGuard` gives every way a run can end a final status in run.json (completed, failed, interrupted, out_of_memory)
 with the reason, turns the failures a user can fix (no space left, no hub access) into one `Error:` line, and removes
 the run folder of a run that failed before anything was trained (one folder per failed try is clutter, not a record).
+A kill -9 gives no run a last word: `settle_before_resume` records such a run `interrupted` when --resume finds its
+process gone (swft_lite.run_folder's `owner`), and refuses one whose process still runs.
 """
 
 from __future__ import annotations
@@ -114,6 +116,27 @@ def completion_marker_callback():
                 write_marker(ckpt)
 
     return CompletionMarker()
+
+
+def settle_before_resume(run: RunFolder, record: RunRecord, now, echo=print) -> None:
+    """--resume of a run whose run.json still says running. Its process gone from this host (a kill -9 has no last
+    word): run.json is rewritten `interrupted`, with the reason, before the run continues. Its process still alive
+    here: refused (two trainers in one folder would overwrite each other's checkpoints). Another host, or no process
+    recorded: said, and left as it is."""
+    live = record.liveness()
+    if live is None:
+        return
+    if live.state == "alive" and not live.is_this_process:
+        raise TrainError(f"--resume: {run.path} is still being trained: {live.message}. Stop that process first, "
+                         "or wait for it to end")
+    if live.state == "gone":
+        found = now()
+        record.update(status="interrupted", reason=live.message, finished=found)
+        record.setdefault("interruptions", []).append({"found": found, "reason": live.message})  # kept after resume
+        run.write_record(record)
+        echo(f"resume: {run.name} said running, but {live.message}; run.json now says interrupted")
+    elif live.state != "alive":
+        echo(f"resume: note: {live.message}")
 
 
 # --- failures a user can fix -----------------------------------------------------------------------------------------

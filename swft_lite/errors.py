@@ -29,6 +29,13 @@ class BackendError(SwftError, RuntimeError):
     """The requested backend cannot run here; the message says what is missing."""
 
 
+class DiskSpaceError(SwftError, RuntimeError):
+    """Refused before a download: the disk that would take it has too little free space. Nothing was started, so it
+    exits 2 like any other refusal of what was typed (here: a model too large for this disk)."""
+
+    exit_code = 2
+
+
 class MergeError(SwftError, RuntimeError):
     """A merge that cannot be done or did not verify. The message is for a person."""
 

@@ -624,9 +624,19 @@ def resolve_source(source: str | Path, log: Callable[[str], None] = print, **mer
             from swft_lite.merge import merge_adapter
 
             log(f"{source} has no merged/ yet: merging (and verifying) first.")
-            merge_adapter(source, log=log, **merge_kwargs)
+            merge_adapter(source, log=log, **merge_kwargs)  # says so when the run did not finish
             merged = run.merged
+        elif run is not None:
+            from swft_lite.merge import unfinished_run_note
+
+            note = unfinished_run_note(run.path)
+            if note:
+                log(note + " (its merged/)")
         return merged, (run.path if run is not None else None)
+    if RunFolder(source).has_record():
+        from swft_lite.merge import unfinished_run_message
+
+        raise GGUFError(unfinished_run_message(RunFolder(source), "holds no adapter/ or merged/ to export"))
     raise GGUFError(f"{source} is neither a merged model folder (config.json + *.safetensors) nor a run folder "
                     "(adapter/ or merged/)")
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from swft_lite.errors import MergeError, VerificationError
+from swft_lite.errors import DiskSpaceError, MergeError, VerificationError
+from swft_lite.hub import MODEL_PATTERNS, check_download_space
 from swft_lite.probes import (KL_TRIM, TRAINED_PROBE_TOPK, compare_logits, compare_with_trained,
                               default_dtype, empty_cache, load_causal_lm, load_trained_probe, model_logits,
                               probe_token_ids)
@@ -109,7 +110,7 @@ def _read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def resolve_model_dir(ref: str | Path) -> Path:
+def resolve_model_dir(ref: str | Path, log: Callable[[str], None] | None = None) -> Path:
     """A local folder for a model reference: the folder itself, or the Hugging Face cache's snapshot of a hub id
     (downloaded only if the hub is reachable and not switched off with HF_HUB_OFFLINE=1)."""
     p = Path(ref).expanduser()
@@ -118,7 +119,7 @@ def resolve_model_dir(ref: str | Path) -> Path:
     ref = str(ref)
     if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
         raise MergeError(f"base model {ref!r} is neither a folder nor a Hugging Face hub id")
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+    patterns = list(MODEL_PATTERNS)
     try:
         from huggingface_hub import snapshot_download
 
@@ -127,11 +128,31 @@ def resolve_model_dir(ref: str | Path) -> Path:
         except Exception:
             if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
                 raise
+            # refused here, with the numbers, when the download does not fit the cache's disk
+            check_download_space(ref, "--base", patterns=patterns, top_level=False, echo=log)
             return Path(snapshot_download(ref, allow_patterns=patterns))
+    except DiskSpaceError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure gets the same advice
         raise MergeError(f"base model {ref!r} is not a local folder and could not be found in or fetched into the "
                          f"Hugging Face cache ({type(exc).__name__}: {exc}). Pass --base PATH to a local copy of "
                          "the model that was trained (its config.json and *.safetensors).") from None
+
+
+def unfinished_run_message(run: RunFolder, what: str) -> str:
+    """`merge RUN` / `save-gguf RUN` of a run folder with nothing to take: what its run.json says of how it ended
+    (a run left "running" by a kill -9 is named as such: `RunRecord.unfinished`) and how to go on."""
+    why = run.record_or_empty().unfinished() or "run.json says it finished, yet it saved none"
+    return (f"{run.path} {what}: {why}. Continue it with the same `swft-lite train` command plus --resume "
+            f"--run-name {run.name} (it takes the newest complete checkpoint), or train it again with --overwrite")
+
+
+def unfinished_run_note(run_dir: Path | None) -> str | None:
+    """A note for merging or exporting what a run left when that run did not finish (None when it did)."""
+    if run_dir is None:
+        return None
+    why = RunFolder(run_dir).record_or_empty().unfinished()
+    return None if why is None else f"note: {run_dir}: {why}; using what it saved so far"
 
 
 def resolve_inputs(source: str | Path, base: str | Path | None = None, out: str | Path | None = None) -> MergeInputs:
@@ -140,6 +161,8 @@ def resolve_inputs(source: str | Path, base: str | Path | None = None, out: str 
     if not source.is_dir():
         raise MergeError(f"{source} is not a folder (expected a run folder or a PEFT adapter folder)")
     found = find_adapter(source)
+    if found is None and RunFolder(source).has_record():
+        raise MergeError(unfinished_run_message(RunFolder(source), "holds no adapter/ to merge"))
     if found is None:
         raise MergeError(f"{source} holds neither adapter_config.json nor adapter/adapter_config.json: pass a run "
                          "folder written by `swft-lite train` or a PEFT adapter folder")
@@ -713,6 +736,9 @@ def merge_adapter(source: str | Path, *, base: str | Path | None = None, out: st
     if echo is not None:
         log = echo
     inputs = resolve_inputs(source, base, out)
+    note = unfinished_run_note(inputs.run_dir)
+    if note:
+        log(note + " (its adapter/)")
     out_dir = inputs.out_dir
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir} already exists; pass --overwrite to replace it (it is replaced only after the "

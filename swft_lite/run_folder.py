@@ -13,11 +13,19 @@
 
 `swft-lite train` writes it; merge, save-gguf and the scripts read it through `RunFolder` and `find_adapter` /
 `find_merged`. Imports nothing of swft-lite.
+
+While a run says `running`, run.json's `owner` names the process that runs it (pid, host, boot id and the process's
+start time from /proc/PID/stat). A `kill -9` leaves `running` behind with nobody to correct it; `RunRecord.liveness`
+tells such a record apart (the pid is gone on this host, or now belongs to a process that started later) from one
+still running, or one from another host (which cannot be told from here).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 RUN_JSON = "run.json"
@@ -29,7 +37,8 @@ class RunRecord(dict):
     bottom as the run went). The keys other code reads have typed accessors here; `swft-lite train` writes, in order:
 
     swft_lite_version, status (running, then one of completed | failed | interrupted | out_of_memory, with `reason`),
-    started, resumed (list of times), fingerprint, fingerprint_parts, model, backend, profile, options, packages, data,
+    owner (the process that runs it: `process_identity`), started, resumed (list of times), interruptions (kills
+    that --resume found), fingerprint, fingerprint_parts, model, backend, profile, options, packages, data,
     plan, padding_fraction, gpu, adapters, load_seconds, train_seconds, global_step, train_loss, best_checkpoint,
     best_eval_loss, losses, eval_losses, tokens_per_second, eval_metrics, early_stopping, eval_generate, best_metric
     (swft_lite.train_eval), interrupted_at_step, tokens_per_second_median, peak_memory_gib,
@@ -64,6 +73,109 @@ class RunRecord(dict):
     def history(self, key: str) -> list:
         """A logged series (losses, eval_losses, tokens_per_second), empty when absent."""
         return list(self.get(key, []))
+
+    def liveness(self) -> Liveness | None:
+        """For a record that says running: whether its process still runs (see `owner_liveness`). None otherwise."""
+        if self.status != "running":
+            return None
+        owner = self.get("owner")
+        if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+            return Liveness("unknown", "run.json says running but does not name the process that runs it (written "
+                                       "by an older swft-lite), so whether it still runs cannot be told")
+        return owner_liveness(owner)
+
+    def unfinished(self) -> str | None:
+        """Why this run has not finished, in words for merge and save-gguf ("the run did not finish: ..."); None for
+        a completed run, a folder without a record, and the run this very process is training."""
+        status = self.status
+        if status in (None, "completed"):
+            return None
+        if status != "running":
+            reason = self.get("reason")
+            return f"the run did not finish (status {status}{': ' + reason if reason else ''})"
+        live = self.liveness()
+        if live.state == "alive":
+            if live.is_this_process:
+                return None
+            return f"the run has not finished: {live.message}"
+        if live.state == "gone":
+            return f"the run did not finish (run.json still says running, but {live.message})"
+        return f"the run has not finished as far as run.json tells ({live.message})"
+
+
+# --- who runs a run ------------------------------------------------------------------------------------------------
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the state on (field 3 = index 0), or None where there is no /proc or no pid.
+    The command name (field 2) is skipped: it is in parentheses and may hold spaces."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split() if ")" in text else None
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (/proc/PID/stat field 22); None where unknown. Two
+    processes that had the same pid one after the other started at different times."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def process_identity(pid: int | None = None) -> dict:
+    """run.json's `owner`: pid, host name, boot id and the process's start time (ticks after boot)."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(),
+            "process_start_ticks": process_start_ticks(pid)}
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Whether the process a `running` record names still runs: alive, gone (it does not: killed, crashed, the
+    machine restarted), elsewhere (another host: cannot be told from here) or unknown (no owner recorded)."""
+
+    state: str
+    message: str
+    is_this_process: bool = False
+
+
+def owner_liveness(owner: dict) -> Liveness:
+    pid, host = owner.get("pid"), owner.get("host")
+    here = socket.gethostname()
+    who = f"pid {pid} on {host}"
+    if host != here:
+        return Liveness("elsewhere", f"run.json says running, in the process {who}; this is {here}, so whether it "
+                                     "still runs cannot be told from here (left as it is)")
+    gone = Liveness("gone", f"the process ({who}) stopped without a word (killed?)")
+    boot = _boot_id()
+    if owner.get("boot_id") and boot and owner["boot_id"] != boot:
+        return gone  # the machine restarted since
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return gone
+    except PermissionError:
+        pass  # a process of another user has that pid: compared by start time below
+    except OSError:
+        return Liveness("unknown", f"run.json says running, in the process {who}, which cannot be asked")
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # dead, not yet reaped by its parent
+        return gone
+    recorded, now = owner.get("process_start_ticks"), process_start_ticks(pid)
+    if recorded is not None and now is not None and recorded != now:
+        return gone  # the pid was given to another process since
+    return Liveness("alive", f"it is still running ({who})", is_this_process=pid == os.getpid())
 
 
 class RunFolder:

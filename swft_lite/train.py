@@ -27,11 +27,11 @@ from swft_lite import __version__
 from swft_lite import distributed
 from swft_lite.base_identity import write_record as _write_base_identity
 from swft_lite.checkpoints import (RunGuard, TrainInterrupted, checkpoint_for_resume, completion_marker_callback,
-                                   history_until)
+                                   history_until, settle_before_resume)
 from swft_lite.data.options import DataOptions, option, same_as
 from swft_lite.errors import TrainError
 from swft_lite.profiles import Profile
-from swft_lite.run_folder import RUN_JSON, RunFolder, RunRecord
+from swft_lite.run_folder import RUN_JSON, RunFolder, RunRecord, process_identity
 from swft_lite import train_eval
 
 @dataclass
@@ -534,6 +534,10 @@ def setup_run(profile: Profile, options: TrainOptions, echo) -> tuple[str, str, 
     from swft_lite.backends import choose_backend, import_unsloth
 
     model_path = resolve_model(options.model, echo)
+    if not options.dry_run:  # a hub id not (fully) cached: refused now if its download does not fit the disk
+        from swft_lite.hub import check_download_space
+
+        check_download_space(model_path, "--model", echo=echo)
     if options.dry_run:
         # The plan is for the machine that will train: 'auto' there is Unsloth. Nothing is imported or loaded.
         backend = "unsloth" if options.backend == "auto" else options.backend
@@ -586,6 +590,7 @@ def start_record(run: RunFolder, profile: Profile, options: TrainOptions, model_
     if options.resume:
         prepare_run_dir(run.path, options)
         record = run.read_record()
+        settle_before_resume(run, record, _now, echo)  # a run left "running" by a kill -9 is recorded interrupted
         before = content_parts(record.fingerprint_parts)
         if fingerprint(before) != fp and not options.force_resume:
             changes = describe_changes(before, parts)
@@ -605,9 +610,12 @@ def start_record(run: RunFolder, profile: Profile, options: TrainOptions, model_
     now = _now()
     if options.resume:
         record.setdefault("resumed", []).append(now)
+        for stale in ("reason", "finished"):  # the end it had before; it runs again now
+            record.pop(stale, None)
     record.update({
         "swft_lite_version": __version__,
         "status": "running",
+        "owner": process_identity(),  # who runs it: a kill -9 leaves "running" behind, this tells it apart
         "started": record.get("started", now),
         "fingerprint": fp,
         "fingerprint_parts": parts,

@@ -140,14 +140,24 @@ def test_kill_9_then_resume_keeps_the_whole_loss_history(tmp_path, tiny_model_di
     assert marker.exists()
     record = json.loads((root / "killed" / "run.json").read_text())
     assert record["status"] == "running" and not record.get("losses")  # what a kill leaves: no history in run.json
+    import socket
+
     from swft_lite.checkpoints import complete_checkpoints
+    from swft_lite.run_folder import RunFolder
+
+    # ... but it names the process, which is gone: read for a user, it is a run that stopped
+    reason = f"the process (pid {proc.pid} on {socket.gethostname()}) stopped without a word (killed?)"
+    assert record["owner"]["pid"] == proc.pid
+    assert RunFolder(root / "killed").read_record().liveness().message == reason
 
     last = complete_checkpoints(root / "killed" / "checkpoints")[-1]
     step = int(last.name.split("-")[1])
     result = run_cli(["train", *CPU_FLAGS, "--model", tiny_model_dir, "--data", data, "--output-root", root,
                       "--run-name", "killed", "--max-steps", step + 2, "--save-steps", 3, "--resume"])
     assert result.exit_code == 0, result.output
+    assert f"resume: killed said running, but {reason}; run.json now says interrupted" in result.output
     record = json.loads((root / "killed" / "run.json").read_text())
+    assert record["interruptions"][0]["reason"] == reason and "reason" not in record
     # issue 13: only the resumed steps were kept
     assert [e["step"] for e in record["losses"]] == list(range(1, step + 3))
     assert record["status"] == "completed"
@@ -562,3 +572,190 @@ def test_a_disk_too_full_for_run_json_too_still_ends_in_one_error_line(tmp_path)
     assert msg.startswith(f"no space left on the device while writing {run.path / 'checkpoints' / 'checkpoint-4'}")
     assert "run.json could not be updated either" in msg and "--resume" in msg
     assert run.read_record()["status"] == "running"  # the old record is intact (written atomically)
+
+
+# --- a hub download checked against the free disk first -------------------------------------------------------------
+
+HUGE = 10**15  # 1,000,000 GB: more than any disk here has free, so the refusal needs no fake disk
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The hub's answer to model_info(files_metadata=True) - the one HTTP call replaced, with a real ModelInfo - and
+    a Hugging Face cache of our own (HF_HUB_CACHE, read by huggingface_hub at import, so its constant too)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.hf_api import ModelInfo
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # conftest switches the hub off; here the one call is answered
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    class Hub:
+        files: dict[str, int] = {}
+        sha = "a" * 40
+        calls: list = []
+        error: Exception | None = None
+
+    def model_info(self, repo_id, *, revision=None, files_metadata=False, **kw):
+        Hub.calls.append((repo_id, revision, files_metadata))
+        if Hub.error is not None:
+            raise Hub.error
+        return ModelInfo(id=repo_id, sha=Hub.sha,
+                         siblings=[{"rfilename": n, "size": s} for n, s in Hub.files.items()])
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    Hub.cache, Hub.calls = cache, []
+    return Hub
+
+
+def put_in_cache(cache: Path, repo_id: str, sha: str, name: str, content: bytes = b"{}") -> None:
+    """A file as huggingface_hub stores it: blobs/<hash>, snapshots/<commit>/<name> linked to it, refs/main."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(content)
+    link = repo / "snapshots" / sha / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+
+
+def test_train_refuses_a_download_the_disk_cannot_take_and_leaves_no_run_folder(tmp_path, hub):
+    hub.files = {"config.json": 1_000, "model-00001-of-00002.safetensors": 6 * HUGE // 10,
+                 "model-00002-of-00002.safetensors": 4 * HUGE // 10, "original/model.safetensors": HUGE,
+                 "README.md": HUGE}  # original/ and README.md are not what from_pretrained fetches
+    root = tmp_path / "runs"
+    result = run_cli(["train", *CPU_FLAGS, "--model", "someone/huge-model", "--data", tmp_path / "train.jsonl",
+                      "--output-root", root])
+    assert result.exit_code == 2, result.output
+    errors = error_lines(result.output)
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith("Error: --model someone/huge-model: not enough disk space to download it: 3 file(s) "
+                                "not in the Hugging Face cache need 1000000.0 GB")
+    assert f"{hub.cache} has " in errors[0] and " GB free" in errors[0]
+    assert "HF_HUB_CACHE" in errors[0] and "--model PATH" in errors[0]
+    assert hub.calls == [("someone/huge-model", None, True)]
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_merge_base_by_hub_id_is_checked_the_same_way(tmp_path, hub):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    hub.files = {"config.json": 1_000, "model.safetensors": HUGE, "original/model.safetensors": HUGE}
+    result = run_cli(["merge", adapter, "--base", "someone/huge-model", "--out", tmp_path / "m"])
+    assert result.exit_code == 2, result.output
+    errors = error_lines(result.output)
+    # merge fetches with snapshot_download's patterns, which reach original/ too: counted as it would download
+    assert len(errors) == 1 and errors[0].startswith("Error: --base someone/huge-model: not enough disk space to "
+                                                     "download it: 3 file(s) not in the Hugging Face cache need "
+                                                     "2000000.0 GB"), result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_files_already_in_the_cache_are_not_counted(hub):
+    from swft_lite.errors import DiskSpaceError
+    from swft_lite.hub import check_download_space
+
+    hub.files = {"config.json": 2, "model-00001-of-00002.safetensors": HUGE,
+                 "model-00002-of-00002.safetensors": 3 * HUGE}
+    put_in_cache(hub.cache, "someone/model", hub.sha, "config.json")
+    put_in_cache(hub.cache, "someone/model", hub.sha, "model-00001-of-00002.safetensors", b"shard one")
+    with pytest.raises(DiskSpaceError, match=r"1 file\(s\) not in the Hugging Face cache need 3000000.0 GB"):
+        check_download_space("someone/model", "--model")
+    put_in_cache(hub.cache, "someone/model", hub.sha, "model-00002-of-00002.safetensors", b"shard two")
+    plan = check_download_space("someone/model", "--model")
+    assert plan.files == {} and plan.need == 0 and len(plan.cached) == 3
+
+
+def test_no_answer_from_the_hub_leaves_the_loaders_own_error(hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from swft_lite.hub import check_download_space
+
+    hub.files = {"model.safetensors": HUGE}
+    hub.error = ConnectionError("no route to host")  # unreachable: not a second failure, the loader's stays
+    assert check_download_space("someone/model", "--model") is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: the hub is not even asked
+    hub.error, hub.calls = None, []
+    assert check_download_space("someone/model", "--model") is None and hub.calls == []
+    assert check_download_space(str(hub.cache.parent), "--model") is None  # a folder: nothing to download
+
+
+# --- a run killed with kill -9 does not read "running" for ever ------------------------------------------------------
+
+
+def running_record(pid: int | None = None, **owner) -> "RunRecord":
+    from swft_lite.run_folder import RunRecord, process_identity
+
+    return RunRecord(status="running", owner={**process_identity(pid), **owner}, model="m")
+
+
+def test_a_running_record_whose_process_was_killed_reads_interrupted_on_resume(tmp_path):
+    import socket
+
+    from swft_lite.checkpoints import settle_before_resume
+    from swft_lite.errors import TrainError
+    from swft_lite.run_folder import RunFolder
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = RunFolder(tmp_path / "run")
+        run.path.mkdir()
+        run.write_record(running_record(proc.pid))
+        assert run.read_record().liveness().state == "alive"
+        with pytest.raises(TrainError, match=f"is still being trained: it is still running \\(pid {proc.pid} on "):
+            settle_before_resume(run, run.read_record(), lambda: "t", echo=lambda s: None)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    said = []
+    record = run.read_record()
+    reason = f"the process (pid {proc.pid} on {socket.gethostname()}) stopped without a word (killed?)"
+    assert record.liveness().state == "gone" and record.liveness().message == reason
+    settle_before_resume(run, record, lambda: "t", echo=said.append)
+    on_disk = run.read_record()
+    assert on_disk["status"] == "interrupted" and on_disk["reason"] == reason
+    assert on_disk["interruptions"] == [{"found": "t", "reason": reason}]
+    assert said == [f"resume: run said running, but {reason}; run.json now says interrupted"]
+
+
+def test_a_reused_pid_or_another_host_is_told_apart(tmp_path):
+    from swft_lite.checkpoints import settle_before_resume
+    from swft_lite.run_folder import RunFolder, process_start_ticks
+
+    me = os.getpid()
+    assert process_start_ticks(me) is not None  # /proc is there on this machine
+    # this pid is alive, but it is not the process that started the run: that one started at another time
+    reused = running_record(me, process_start_ticks=process_start_ticks(me) - 1)
+    assert reused.liveness().state == "gone"
+    elsewhere = running_record(me, host="other-node")
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.write_record(elsewhere)
+    said = []
+    settle_before_resume(run, run.read_record(), lambda: "t", echo=said.append)
+    assert run.read_record()["status"] == "running"  # left as it is
+    assert "on other-node" in said[0] and "cannot be told from here" in said[0]
+
+
+def test_merge_and_save_gguf_of_a_killed_run_say_it_did_not_finish(tmp_path):
+    from swft_lite.run_folder import RunFolder
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a process that ran and ended: its pid is free
+    run = RunFolder(tmp_path / "killed")
+    run.path.mkdir()
+    run.write_record(running_record(proc.pid))
+    for cmd in (["merge", run.path], ["save-gguf", run.path]):
+        result = run_cli(cmd)
+        assert result.exit_code == 1, result.output
+        errors = error_lines(result.output)
+        assert len(errors) == 1, result.output
+        assert "the run did not finish (run.json still says running, but the process (pid " in errors[0]
+        assert "stopped without a word (killed?))" in errors[0] and "--resume --run-name killed" in errors[0]
