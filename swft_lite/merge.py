@@ -32,6 +32,11 @@ from typing import Callable
 
 from swft_lite.errors import DiskSpaceError, MergeError, VerificationError
 from swft_lite.hub import MODEL_PATTERNS, check_download_space
+
+# The model is the repo's root, as from_pretrained reads it: snapshot_download's patterns also match in subfolders
+# (fnmatch's `*` crosses "/"), and openai/gpt-oss-20b's original/ (another copy of the weights, ~13 GB) and metal/
+# would be fetched for nothing.
+SUBFOLDERS = ["*/*"]
 from swft_lite.probes import (KL_TRIM, TRAINED_PROBE_TOPK, compare_logits, compare_with_trained,
                               default_dtype, empty_cache, load_causal_lm, load_trained_probe, model_logits,
                               probe_token_ids)
@@ -124,13 +129,14 @@ def resolve_model_dir(ref: str | Path, log: Callable[[str], None] | None = None)
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(ref, local_files_only=True, allow_patterns=patterns))
+            return Path(snapshot_download(ref, local_files_only=True, allow_patterns=patterns,
+                                          ignore_patterns=SUBFOLDERS))
         except Exception:
             if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
                 raise
             # refused here, with the numbers, when the download does not fit the cache's disk
-            check_download_space(ref, "--base", patterns=patterns, top_level=False, echo=log)
-            return Path(snapshot_download(ref, allow_patterns=patterns))
+            check_download_space(ref, "--base", patterns=patterns, top_level=True, echo=log)
+            return Path(snapshot_download(ref, allow_patterns=patterns, ignore_patterns=SUBFOLDERS))
     except DiskSpaceError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure gets the same advice

@@ -651,11 +651,18 @@ def test_merge_base_by_hub_id_is_checked_the_same_way(tmp_path, hub):
     result = run_cli(["merge", adapter, "--base", "someone/huge-model", "--out", tmp_path / "m"])
     assert result.exit_code == 2, result.output
     errors = error_lines(result.output)
-    # merge fetches with snapshot_download's patterns, which reach original/ too: counted as it would download
+    # merge fetches the repo's root only, as from_pretrained reads it: original/ is neither fetched nor counted
     assert len(errors) == 1 and errors[0].startswith("Error: --base someone/huge-model: not enough disk space to "
-                                                     "download it: 3 file(s) not in the Hugging Face cache need "
-                                                     "2000000.0 GB"), result.output
+                                                     "download it: 2 file(s) not in the Hugging Face cache need "
+                                                     "1000000.0 GB"), result.output
     assert not (tmp_path / "m").exists()
+    # the files counted are the ones snapshot_download fetches with merge's patterns (huggingface_hub's own filter)
+    from huggingface_hub.utils import filter_repo_objects
+
+    from swft_lite.merge import MODEL_PATTERNS, SUBFOLDERS
+
+    fetched = list(filter_repo_objects(hub.files, allow_patterns=list(MODEL_PATTERNS), ignore_patterns=SUBFOLDERS))
+    assert fetched == ["config.json", "model.safetensors"]
 
 
 def test_files_already_in_the_cache_are_not_counted(hub):
