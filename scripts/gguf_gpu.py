@@ -157,8 +157,9 @@ def main():
         rope = measure(run / "merged", f32, 8192, 512, device="cuda",
                        n_gpu_layers=int(os.environ.get("SWFT_GPU_LAYERS", "0")))
         RESULT["rope_rounding"] = {k: rope[k] for k in ("positions", "logit_rms", "correction_range", "max",
-                                                        "truncate_false_vs_true", "gguf_vs_truncate_true",
-                                                        "gguf_vs_truncate_false", "seconds")}
+                                                        "positions_over_1e-2", "truncate_false_vs_true",
+                                                        "gguf_vs_truncate_true", "gguf_vs_truncate_false",
+                                                        "seconds")}
     except Exception as exc:  # noqa: BLE001 - keep what was measured so far
         RESULT["rope_rounding"] = {"error": f"{type(exc).__name__}: {exc}"}
     finally:

@@ -1,11 +1,14 @@
-"""Merged gpt-oss -> GGUF (llama.cpp, Ollama), checked against the merged model before it is called done.
+"""Merged gpt-oss -> GGUF (llama.cpp, Ollama), checked along the whole chain before it is called done.
 
-Conversion is llama.cpp's own `convert_hf_to_gguf.py`, run as a subprocess; quantization is the `llama-quantize`
-binary when one is found, else the same code through llama-cpp-python's `llama_model_quantize`. Every file is then
-read back (gguf.GGUFReader: architecture, tensor count, vocabulary, chat template, special token ids, tensor types)
-and run with llama-cpp-python on the probe tokens against the merged model in transformers (fp32): see
-`GGUF_THRESHOLDS`. A file that fails is renamed to `<file>.failed`; the GGUF is written as `<file>.partial` and gets
-its name only after passing.
+Before anything is converted, merged/ is checked again against base + adapter and the trained-model record of its
+run (merge.recheck_merged); a merged/ that does not match is refused. Conversion is llama.cpp's own
+`convert_hf_to_gguf.py`, run as a subprocess; quantization is the `llama-quantize` binary when one is found, else
+the same code through llama-cpp-python's `llama_model_quantize`. Every file is then read back (gguf.GGUFReader:
+architecture, tensor count, vocabulary, chat template, special token ids, tensor types), compared tensor by tensor
+with the merged weights quantized the same way (swft_lite.gguf_bytes), and run with llama-cpp-python on the probe
+tokens against the merged model in transformers (fp32, YaRN rounded as llama.cpp rounds it) and against the base
+(how much of the fine-tuning it keeps): see `GGUF_THRESHOLDS` and `RETENTION_THRESHOLDS`. A file that fails is
+renamed to `<file>.failed`; the GGUF is written as `<file>.partial` and gets its name only after passing.
 
 Where llama.cpp's converter comes from (first found wins):
   --llama-cpp DIR, $SWFT_LLAMA_CPP, $UNSLOTH_LLAMA_CPP_PATH, ~/.unsloth/llama.cpp, and the copy that

@@ -69,7 +69,11 @@ def test_faulty_merged_refused_by_save_gguf_and_verify(gguf_run, llama_cpp_dir, 
           f"{v['vs_control']['kl_mean_trimmed']:.3g}, vs trained {v['vs_trained']['kl_topk_mean_trimmed']:.3g}, "
           f"top-1 {v['top1_agreement_tol']:.3f}")
     assert not report["passed"] and not v["passed"]
-    assert any("differs from the model as trained" in f for f in v["failures"])
+    # against PEFT's own merge of base + adapter (fp32: the same bf16 numbers when merged/ is right) the removed
+    # delta is 12x over the limit (KL 1.2e-3 > 1e-4); swapped experts fail every gate, the trained record included
+    assert any("differs from PEFT's own merge" in f for f in v["failures"])
+    if fault == "swapped-experts":
+        assert any("differs from the model as trained" in f for f in v["failures"])
 
 
 def _plant_bytes(src: Path, dst: Path, tensor: str, seed: int) -> Path:
