@@ -241,7 +241,14 @@ def test_train_merge_and_export_end_to_end(tmp_path, gpt_oss_files, llama_cpp_di
     assert report["verification"]["passed"] and report["verification"]["generated"]
     assert report["chain"]["passed"] and report["verification"]["retention"]["kl_retention"] >= 0.9
     assert "<|start|>" in (run / "gguf" / "e2e-q8_0.Modelfile").read_text()
-    assert _invoke(["verify", str(run)]).exit_code == 0
+    # and `swft-lite verify` passes the run later: merged/ again, then every GGUF with the same figures
+    result = _invoke(["verify", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    checked = json.loads(result.output[result.output.index("{\n"):])
+    assert checked["passed"] and checked["merged"]["passed"] and [g["quant"] for g in checked["ggufs"]] == ["q8_0"]
+    g = checked["ggufs"][0]["verification"]
+    assert g["passed"] and g["bytes"]["passed"] and g["retention"]["kl_retention"] >= 0.9
+    assert "fine-tuning kept:" in result.output and "bytes:" in result.output
 
     # An adapter file that no longer says what was trained - here the experts' lora_B rows rolled, as a packing
     # that PEFT reads differently would - still agrees with PEFT's own reading of it, and only the record of the
