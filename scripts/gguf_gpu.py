@@ -5,8 +5,8 @@
 1. A 2-layer gpt-oss of the real width (config.json from $SWFT_SHARED_MODEL, default ../shared/models/gpt-oss-20b,
    num_hidden_layers=2: hidden 2880, 32 experts top-4, vocab 201,088), random weights, experts put through MXFP4 and
    back so they lie exactly on MXFP4's grid as openai/gpt-oss-20b's do.
-2. `swft-lite train --backend unsloth` (hf when Unsloth is missing) for $SWFT_GPU_STEPS steps (30) at the profile's
-   learning rate, with its verified merge at the end.
+2. `swft-lite train --backend unsloth` (hf when Unsloth is missing), bf16 weights, for $SWFT_GPU_STEPS steps (30) at
+   the rtx4090 profile's learning rate, with its verified merge at the end.
 3. `swft-lite save-gguf RUN --quant Q` for mxfp4, q8_0, f16: exit code, seconds, size, peak RSS, and the figures
    save-gguf stored (chain check, bytes, logits, fine-tuning retention).
 4. scripts/rope_rounding.py's `measure` to 8,192 positions on an f32 GGUF (deleted afterwards).
@@ -108,7 +108,9 @@ def main():
     backend = "unsloth" if importlib.util.find_spec("unsloth") else "hf"
     run = WORK / "runs" / "gguf"
     if not (run / "merged" / "config.json").exists():
-        RESULT["train"] = run_measured(swft + ["train", "--backend", backend, "--profile", "rtx4090", "--model",
+        # bf16 weights (not 4-bit): the merge and save-gguf then gate on the trained-model record too
+        RESULT["train"] = run_measured(swft + ["train", "--backend", backend, "--profile", "rtx4090",
+                                               "--no-load-in-4bit", "--model",
                                                str(base), "--data", str(data), "--max-seq-length", "1024",
                                                "--per-device-batch-size", "2", "--gradient-accumulation-steps", "1",
                                                "--max-steps", str(STEPS), "--output-root", str(run.parent),
