@@ -358,6 +358,18 @@ def reference_logits(model_dir: Path, probes: list[list[int]], gen_prompt: list[
     """A model folder in transformers (fp32 unless told, CPU, YaRN rounded as llama.cpp rounds it unless told) on
     the probes: (logits per probe, greedy continuation of gen_prompt, the logits at each greedy step). Cached per
     folder version, probe set and setting within the process."""
+    return _reference(model_dir, probes, gen_prompt, n_gen, dtype, rope_truncate)[:3]
+
+
+def router_gaps(model_dir: Path, probes: list[list[int]], gen_prompt: list[int] | None = None,
+                n_gen: int = GENERATE_TOKENS, dtype: str = "float32", rope_truncate: bool | None = True):
+    """Per probe, per position: (the smallest gap between the k-th and (k+1)-th expert score over the layers, the
+    layer), from the same reference pass as `reference_logits` (cached). A tiny gap is a router near-tie: there the
+    slightest arithmetic difference picks another expert."""
+    return _reference(model_dir, probes, gen_prompt, n_gen, dtype, rope_truncate)[3]
+
+
+def _reference(model_dir, probes, gen_prompt, n_gen, dtype, rope_truncate):
     stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in Path(model_dir).glob("*.safetensors")))
     key = (tuple(map(tuple, probes)), tuple(gen_prompt or ()), n_gen, dtype, rope_truncate)
     return _reference_cached(str(Path(model_dir).resolve()), stamp, key)
@@ -377,10 +389,30 @@ def _reference_cached(model_dir: str, _stamp, key):
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     cfg = llama_cpp_rope_config(Path(model_dir), rope_truncate)
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=getattr(torch, dtype), **kwargs).eval()
-    logits, greedy, step_logits = [], [], []
+    logits, greedy, step_logits, gaps = [], [], [], []
+    seen: list = []
+    k = getattr(model.config, "num_experts_per_tok", 0) or 0
+    hooks = []
+    for li, layer in enumerate(getattr(getattr(model, "model", None), "layers", [])):
+        router = getattr(getattr(layer, "mlp", None), "router", None)
+        if router is not None and k:
+            hooks.append(router.register_forward_hook(
+                lambda mod, inp, out, li=li: seen.append((li, out[0] if isinstance(out, tuple) else out))))
     with torch.no_grad():
         for ids in probes:
+            seen.clear()
             logits.append(model(input_ids=torch.tensor([ids])).logits[0].float())
+            gap = torch.full((len(ids),), float("inf"))
+            where = torch.full((len(ids),), -1, dtype=torch.long)
+            for li, rl in seen:
+                srt = rl.reshape(len(ids), -1).float().sort(-1, descending=True).values
+                if srt.shape[-1] > k:
+                    g = (srt[:, k - 1] - srt[:, k]).cpu()
+                    better = g < gap
+                    gap, where = torch.where(better, g, gap), torch.where(better, torch.tensor(li), where)
+            gaps.append((gap, where))
+        for h in hooks:
+            h.remove()
         if gen_prompt:
             out = model(input_ids=torch.tensor([list(gen_prompt)]), use_cache=True)
             for _ in range(n_gen):
@@ -390,7 +422,7 @@ def _reference_cached(model_dir: str, _stamp, key):
                 greedy.append(tok)
                 out = model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
     del model
-    return logits, greedy, step_logits
+    return logits, greedy, step_logits, gaps
 
 
 def _llama(path: Path, n_ctx: int):
@@ -517,9 +549,17 @@ def verify_gguf(path: str | Path, model_dir: str | Path, quant: str, *, probes: 
         # The weights are the merged model's (f32/f16) or the same bf16 numbers: the file must compute the same
         # logits at every position, within what llama.cpp's f16/bf16 arithmetic rounds (GGUF_THRESHOLDS).
         if not cmp["max_abs_logit_diff"] <= limit:
+            # not forgiven; said, so that a router near-tie (where any arithmetic difference picks another expert)
+            # can be told from a deviation everywhere
             w = cmp["worst_position"]
+            gaps = router_gaps(model_dir, probes, gen_prompt, rope_truncate=rope_truncate)
+            gap, layer = (float(gaps[w["probe"]][0][w["position"]]), int(gaps[w["probe"]][1][w["position"]]))
+            median = float(torch.cat([g for g, _ in gaps]).median())
+            w.update({"router_gap": gap, "router_gap_layer": layer, "router_gap_median": median})
             failures.append(f"max |dlogit| {cmp['max_abs_logit_diff']:.3g} > {limit:.3g} (worst at probe {w['probe']} "
-                            f"position {w['position']})")
+                            f"position {w['position']}; there the merged model's last chosen and first unchosen "
+                            f"expert scores are {gap:.2g} apart in layer {layer}, median over positions "
+                            f"{median:.2g})")
         if not cmp["top1_agreement_tol"] >= th["top1_agreement_min"]:
             failures.append(f"top-1 agreement {cmp['top1_agreement_tol']:.4f} < {th['top1_agreement_min']:g}")
         if not greedy_ok:

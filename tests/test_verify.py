@@ -131,6 +131,7 @@ def test_yarn_truncation_mismatch_is_caught(gguf_exports, gguf_run):
     assert not bad["passed"] and any(f.startswith("max |dlogit|") for f in bad["failures"])
     assert bad["max_abs_logit_diff"] > 2 * bad["max_abs_logit_diff_limit"]
     assert bad["worst_position"]["position"] > len(long_probe[0]) // 2  # it grows with position
+    assert "router_gap" in bad["worst_position"]  # the failure says how close the router was there
 
 
 def test_modelfile_kept_when_edited_and_commands_quoted(gguf_exports, tmp_path):
