@@ -133,6 +133,7 @@ def main():
       swft-lite data check train.jsonl     find data problems before a GPU hour is spent
       swft-lite train --profile rtx4090 --data train.jsonl
       swft-lite save-gguf output/RUN       a GGUF for llama.cpp / Ollama, checked against the trained model
+      swft-lite verify output/RUN          re-check merged/ and the GGUFs later
       swft-lite chat output/RUN            talk to it (or to a .gguf)
       swft-lite eval output/RUN --data val.jsonl --compare   did fine-tuning help? (wiki-agent metrics)
     """
@@ -520,30 +521,37 @@ def merge_cmd(source, base, out, overwrite, no_verify, max_shard_size, device, d
 
 @main.command("save-gguf")
 @click.argument("source", metavar="RUN_DIR|MERGED_DIR", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option("--quant", default="mxfp4", show_default=True, type=click.Choice(
-    ["mxfp4", "q8_0", "bf16", "f16", "f32", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0",
+@click.option("--quant", default="q8_0", show_default=True, type=click.Choice(
+    ["q8_0", "mxfp4", "bf16", "f16", "f32", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0",
      "q4_1", "iq4_nl", "iq4_xs", "q3_k_m", "q3_k_l", "q3_k_s", "q2_k"], case_sensitive=False),
-    help="mxfp4 = experts in MXFP4 (gpt-oss's release format), the rest q8_0. k-quants fall back to q5_0/q8_0 on "
-         "gpt-oss's 2880-wide tensors.")
+    help="q8_0 (default) keeps the fine-tuning: gpt-oss ships its experts in MXFP4, the merge adds the LoRA delta "
+         "to them, and mxfp4 re-quantizes them onto MXFP4's coarse grid, which snaps a delta of a few % of the "
+         "weights back to the base (measured on a base with MXFP4-exact experts: mxfp4 kept 59% of the fine-tuning "
+         "by KL and is refused, q8_0 98%). mxfp4 = experts in MXFP4, the rest q8_0. k-quants fall back to q5_0/q8_0 on gpt-oss's "
+         "2880-wide tensors.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Output file. Default: RUN_DIR/gguf/RUN-QUANT.gguf.")
 @click.option("--llama-cpp", "llama_cpp", type=click.Path(file_okay=False),
               help="A llama.cpp folder with convert_hf_to_gguf.py (default: $SWFT_LLAMA_CPP, "
                    "$UNSLOTH_LLAMA_CPP_PATH, ~/.unsloth/llama.cpp, or the one --fetch-converter keeps).")
 @click.option("--fetch-converter", is_flag=True, help="Download llama.cpp's converter (inside the llama-cpp-python "
                                                       "source package) from PyPI into ~/.cache/swft-lite first.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--no-verify", is_flag=True, help="Skip reading the file back and the llama.cpp vs merged check.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (and a Modelfile you changed).")
+@click.option("--no-verify", is_flag=True, help="Skip every check: merged/ against the run, and the file's header, "
+                                                "bytes and logits (not recommended).")
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile beside the GGUF.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
 def save_gguf_cmd(source, quant, out, llama_cpp, fetch_converter, overwrite, no_verify, no_modelfile, as_json):
     """Convert merged weights (RUN_DIR/merged, merged first if missing) to a GGUF for llama.cpp and Ollama.
 
     \b
-    Conversion is llama.cpp's convert_hf_to_gguf.py; quantization llama-quantize, else llama-cpp-python. The file is
-    read back (architecture, tensors, 201,088-token vocabulary, chat template, special tokens) and run with
-    llama-cpp-python against the merged model on the probe tokens (f16/bf16: logits within a tight bound and the
-    same greedy tokens; quantized: logit cosine). A file that fails is renamed FILE.failed and the command exits 1.
-    A Modelfile with gpt-oss's harmony template is written beside it: `ollama create NAME -f Modelfile`.
+    First merged/ is re-checked against base + adapter and the record of the model as trained; one that does not
+    match is refused and nothing is exported. Conversion is llama.cpp's convert_hf_to_gguf.py; quantization
+    llama-quantize, else llama-cpp-python. The file is then read back (architecture, tensors, vocabulary, chat
+    template, special tokens), every tensor compared with the merged weights quantized the same way, and run with
+    llama-cpp-python against the merged model on the probe tokens (f32/f16/bf16: logits within a strict bound at
+    every position; quantized: logit cosine), and against the base: it must keep >= 90% of the fine-tuning by KL
+    and >= 80% of the adapter's top-1 changes. A file that fails is renamed FILE.failed and the command exits 1.
+    A Modelfile per GGUF (FILE.Modelfile, harmony template with tools) is written beside it.
     """
     from swft_lite.gguf_export import export_gguf, fetch_converter as fetch
 
@@ -557,6 +565,27 @@ def save_gguf_cmd(source, quant, out, llama_cpp, fetch_converter, overwrite, no_
                          overwrite=overwrite, modelfile=not no_modelfile, log=click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
+
+
+@main.command("verify")
+@click.argument("run", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
+@click.argument("artefact", metavar="[ARTEFACT]", required=False, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
+def verify_cmd(run, artefact, as_json):
+    """Re-check a run's merged/ or a GGUF, at any time: exit 1 when anything fails.
+
+    \b
+    merged/ against base + adapter and the trained-model record (as the merge checks it); a GGUF (ARTEFACT, or
+    every RUN_DIR/gguf/*.gguf) after merged/: header, every tensor's bytes, llama.cpp's logits against the merged
+    model, and how much of the fine-tuning it keeps - the same figures save-gguf prints.
+    """
+    from swft_lite.verify import verify_artefacts
+
+    report = verify_artefacts(run, artefact, log=click.echo)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    if not report["passed"]:
+        sys.exit(1)
 
 # --- eval ----------------------------------------------------------------------------------------------------------
 

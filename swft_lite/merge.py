@@ -932,3 +932,43 @@ def format_verification(v: dict) -> str:
                          f"{t['kl_topk_mean_trimmed']:.2e}, top-1 agreement {t['top1_agreement_tol']:.4f}"
                          + ("" if v.get("vs_trained_gated") else "  (reported only: trained on 4-bit weights)"))
     return "\n".join(lines)
+
+
+# --- re-checking a merged folder later (save-gguf, swft-lite verify) ---------------------------------------------
+
+
+def _stamp(folder: Path) -> tuple:
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).glob("*.safetensors")))
+
+
+def recheck_merged(merged_dir: str | Path, run_dir: str | Path, *, device: str = "auto", dtype=None,
+                   log: Callable[[str], None] = print) -> dict:
+    """merged/ against base + adapter and the trained-model record of its run, with `verify_merge`'s limits: what
+    save-gguf does before it converts anything, and `swft-lite verify` does at any time. A merged/ changed after
+    its merge (experts swapped, a delta lost) fails here even though its own merge report said PASSED.
+
+    Returns verify_merge's report plus "base_dir", "adapter_dir" and "trained_probe" (path or None). Results are
+    kept for the process per (merged, adapter, base) file versions, so several exports of one run check once.
+    MergeError when the run has no adapter or its base cannot be found."""
+    merged_dir, run_dir = Path(merged_dir).resolve(), Path(run_dir).resolve()
+    inputs = resolve_inputs(run_dir, out=merged_dir)
+    probe, gate = _trained_probe_of(inputs.run_dir)
+    key = (str(merged_dir), _stamp(merged_dir), str(inputs.adapter_dir), _stamp(inputs.adapter_dir),
+           str(inputs.base_dir), _stamp(inputs.base_dir), str(probe), device, str(dtype))
+    if key in _RECHECKED:
+        return _RECHECKED[key]
+    ram, vram = _free_memory(device)
+    need = estimate_output_bytes(inputs.base_dir)
+    dev, dt, why = plan_verification(need, ram_free=ram, vram_free=vram, device=device,
+                                     dtype=dtype if isinstance(dtype, str) or dtype is None
+                                     else str(dtype).replace("torch.", ""))
+    log(f"  {why}")
+    v = verify_merge(merged_dir, inputs.base_dir, inputs.adapter_dir, device=dev, dtype=dt, trained_probe=probe,
+                     trained_gate=gate)
+    v.update({"base_dir": str(inputs.base_dir), "adapter_dir": str(inputs.adapter_dir),
+              "trained_probe": str(probe) if probe else None, "merged_dir": str(merged_dir)})
+    _RECHECKED[key] = v
+    return v
+
+
+_RECHECKED: dict = {}

@@ -9,7 +9,7 @@
         trained_probe.safetensors   the trained model's top-K log-probs on the probe tokens (swft_lite.probes)
         adapter/                    the LoRA adapter with tokenizer and chat template
         merged/                     base + adapter folded into bf16 safetensors
-        gguf/                       save-gguf's files and Modelfile
+        gguf/                       save-gguf's files: RUN-QUANT.gguf, its .report.json and .Modelfile
 
 `swft-lite train` writes it; merge, save-gguf and the scripts read it through `RunFolder` and `find_adapter` /
 `find_merged`. Imports nothing of swft-lite.

@@ -39,9 +39,11 @@ def save_sharp_base(src: Path, dst: Path, *, scale: float = 10.0, max_shard_size
     return Path(dst)
 
 
-def make_adapter(base_dir: Path, adapter_dir: Path, *, std: float = 0.05, seed: int = 1, r: int = 4):
+def make_adapter(base_dir: Path, adapter_dir: Path, *, std: float = 0.05, seed: int = 1, r: int = 4,
+                 attn_std: float | None = None):
     """A PEFT LoRA on q/k/v/o + both expert tensors, lora_B random (a freshly initialised LoRA is a no-op), saved
-    with the tokenizer files like `swft-lite train` saves it. std=0 keeps the no-op adapter."""
+    with the tokenizer files like `swft-lite train` saves it. std=0 keeps the no-op adapter; attn_std (default: std)
+    sets the attention modules' lora_B apart (0: only the experts move)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import GptOssForCausalLM
@@ -54,7 +56,8 @@ def make_adapter(base_dir: Path, adapter_dir: Path, *, std: float = 0.05, seed: 
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                scale = std if attn_std is None or "experts" in name else attn_std
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
     peft_model.save_pretrained(adapter_dir)
     for name in TOKENIZER_FILES:
         shutil.copy(Path(base_dir) / name, Path(adapter_dir) / name)
