@@ -593,6 +593,22 @@ def verify_gguf(path: str | Path, model_dir: str | Path, quant: str, *, probes: 
     return report
 
 
+def what_to_do(v: dict) -> str:
+    """The advice that ends a failed verification's Error line, by what failed."""
+    worst = v.get("worst_position") or {}
+    gap, median = worst.get("router_gap"), worst.get("router_gap_median")
+    if gap is not None and median and gap < 0.01 * median:
+        return (f"The worst position sits on a router near-tie (expert scores {gap:.2g} apart, median {median:.2g}): "
+                "any difference in arithmetic picks another expert there, so the file may be sound; try its answers "
+                "with `swft-lite chat FILE.gguf`, keep it with --no-verify, or export q8_0 (the default)")
+    retention = v.get("retention") or {}
+    if any("of the fine-tuning" in f or "top-1 changes" in f for f in v.get("failures", [])):
+        kept = retention.get("kl_retention")
+        return (f"This quant keeps too little of the fine-tuning{'' if kept is None else f' ({kept:.0%})'}: export "
+                "a finer one (q8_0, the default, or f16)")
+    return "The file does not compute what merged/ computes: see the report beside it, and rerun `swft-lite verify`"
+
+
 def adapter_retention(merged: list, base: list, gguf: list) -> dict:
     """How much of the adapter's effect a file keeps, on the probe tokens: kl_retention = 1 - mean KL(merged||gguf) /
     mean KL(merged||base) (1: all of it, 0: no closer to the merged model than the base is, < 0: further), and of
@@ -925,8 +941,8 @@ def export_gguf(source: str | Path, *, quant: str = DEFAULT_QUANT, out: str | Pa
             report["verification"] = v
             log(format_gguf_verification(v))
             if not v["passed"]:
-                raise GGUFVerificationError(f"GGUF verification FAILED for {out.name}: " + "; ".join(v["failures"]),
-                                            report)
+                raise GGUFVerificationError(f"GGUF verification FAILED for {out.name}: " + "; ".join(v["failures"])
+                                            + ". " + what_to_do(v), report)
     except BaseException as exc:
         if partial.exists():
             failed = out.with_name(out.name + ".failed")

@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 from swft_lite.cli import main
-from test_gguf import llama_cpp_dir  # noqa: F401 - the fixture
 
 REPLY = ("<|channel|>analysis<|message|>The user greets; answer briefly.<|end|><|start|>assistant<|channel|>final"
          "<|message|>Hello **there**.<|return|>")

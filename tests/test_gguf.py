@@ -132,6 +132,7 @@ def test_mxfp4_refused_when_it_erases_the_experts_training(gguf_exports, run_dir
     how much it kept."""
     exit_code, output, report = gguf_exports("mxfp4")
     assert exit_code == 1 and "Error:" in output and "of the fine-tuning by KL" in output
+    assert "export a finer one (q8_0, the default, or f16)" in output  # and what to do about it
     gguf_file = run_dir / "gguf" / f"{run_dir.name}-mxfp4.gguf"
     assert not gguf_file.exists() and gguf_file.with_name(gguf_file.name + ".failed").exists()
     v = report["verification"]
