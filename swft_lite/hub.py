@@ -75,11 +75,10 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(p).free
 
 
-def wanted(name: str, patterns, top_level: bool) -> bool:
-    """Whether a file of the repo is fetched. `top_level`: from_pretrained reads only the repo's root (not, for
-    openai/gpt-oss-20b, original/ or metal/); snapshot_download's patterns match in subfolders too (fnmatch's `*`
-    crosses `/`), as huggingface_hub's own filter does."""
-    if top_level and "/" in name:
+def wanted(name: str, patterns) -> bool:
+    """Whether a file of the repo is fetched: from_pretrained, and merge's snapshot_download (ignore_patterns */*),
+    read only the repo's root (not, for openai/gpt-oss-20b, original/ or metal/)."""
+    if "/" in name:
         return False
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
@@ -97,8 +96,7 @@ def _in_cache(repo_id: str, sibling, commit: str | None, root: Path) -> bool:
     return bool(blob) and (root / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs" / blob).is_file()
 
 
-def download_plan(repo_id: str, *, revision: str | None = None, patterns=MODEL_PATTERNS,
-                  top_level: bool = True) -> DownloadPlan | None:
+def download_plan(repo_id: str, *, revision: str | None = None, patterns=MODEL_PATTERNS) -> DownloadPlan | None:
     """The files of `repo_id` a load would fetch and that are not cached, with their sizes from the hub. None when
     the hub cannot be asked (offline, unreachable, no access, no such repo): the loader then fails as it always did."""
     if _offline():
@@ -113,7 +111,7 @@ def download_plan(repo_id: str, *, revision: str | None = None, patterns=MODEL_P
     root = cache_dir()
     plan = DownloadPlan(repo_id, root)
     for sibling in info.siblings or []:
-        if not wanted(sibling.rfilename, patterns, top_level):
+        if not wanted(sibling.rfilename, patterns):
             continue
         if _in_cache(repo_id, sibling, getattr(info, "sha", None), root):
             plan.cached.append(sibling.rfilename)
@@ -123,13 +121,13 @@ def download_plan(repo_id: str, *, revision: str | None = None, patterns=MODEL_P
 
 
 def check_download_space(ref: str, flag: str, *, revision: str | None = None, patterns=MODEL_PATTERNS,
-                         top_level: bool = True, echo=None) -> DownloadPlan | None:
+                         echo=None) -> DownloadPlan | None:
     """Refuse (DiskSpaceError) a hub id whose download does not fit the free space of the Hugging Face cache.
     A folder, an offline machine or an unreachable hub: nothing checked (None). `flag` names the option the model
     came from (--model, --base), for the advice."""
     if not is_hub_id(ref):
         return None
-    plan = download_plan(ref, revision=revision, patterns=patterns, top_level=top_level)
+    plan = download_plan(ref, revision=revision, patterns=patterns)
     if plan is None or not plan.files:
         return plan
     free = free_bytes(plan.cache_dir)

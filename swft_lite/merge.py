@@ -135,7 +135,7 @@ def resolve_model_dir(ref: str | Path, log: Callable[[str], None] | None = None)
             if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
                 raise
             # refused here, with the numbers, when the download does not fit the cache's disk
-            check_download_space(ref, "--base", patterns=patterns, top_level=True, echo=log)
+            check_download_space(ref, "--base", patterns=patterns, echo=log)
             return Path(snapshot_download(ref, allow_patterns=patterns, ignore_patterns=SUBFOLDERS))
     except DiskSpaceError:
         raise
