@@ -178,9 +178,8 @@ def load_unsloth(model_path: str, profile: Profile, *, token: str | None = None)
     from unsloth import FastLanguageModel
 
     dtype = training_dtype()
-    # A packed pass is one sequence of up to token_budget tokens (its rows' positions restart, so RoPE never goes
-    # past max_seq_length); Unsloth sizes its kernels by the longest sequence it is told about.
-    longest = max(profile.max_seq_length, profile.token_budget if profile.packing else 0)
+    # Packed sequences are max_seq_length long too (batching.packed_sequences); Unsloth sizes its kernels by it.
+    longest = profile.max_seq_length
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=model_path,
         max_seq_length=longest,
@@ -266,7 +265,7 @@ class _PackedRows:
     layer. Set by a hook before each forward and kept until the next one: gradient checkpointing replays the layers
     during backward.
 
-    The row indices live in one device buffer, overwritten in place while the sequence length stays the same (packed
+    The row indices ((sequences, tokens): rows are numbered within each sequence) live in one device buffer, overwritten in place while the sequence length stays the same (packed
     passes are filled to the token budget), and the mask functions that read it are made once per buffer: the
     compiled block-mask builder and flex attention then see the same function every pass and do not recompile."""
 
@@ -291,7 +290,7 @@ class _PackedRows:
             doc = self.doc
 
             def same_row_causal(b, h, q, kv):
-                keep = (q >= kv) & (doc[q] == doc[kv])
+                keep = (q >= kv) & (doc[b, q] == doc[b, kv])
                 if window:
                     keep = keep & (q - kv < window)  # as transformers and Unsloth: the query and 127 keys before it
                 return keep
@@ -303,7 +302,8 @@ class _PackedRows:
         from torch.nn.attention.flex_attention import create_block_mask
 
         if window not in self.masks:
-            self.masks[window] = create_block_mask(self.mask_mod(window), None, None, n, n, device=device,
+            batch = self.doc.shape[0] if self.doc.shape[0] > 1 else None  # one sequence: broadcast, as measured
+            self.masks[window] = create_block_mask(self.mask_mod(window), batch, None, n, n, device=device,
                                                    _compile=device.type == "cuda")
         return self.masks[window]
 
@@ -364,11 +364,10 @@ def enable_packed_flex_attention(model, kernel: FlexKernel) -> int:
     def note_rows(module, args, kwargs):
         positions = kwargs.get("position_ids")
         rows.clear()
-        if (positions is not None and positions.shape[0] == 1 and kwargs.get("past_key_values") is None
-                and module.training):
-            starts = positions[0] == 0
-            if int(starts.sum()) > 1:
-                rows.set(torch.cumsum(starts.to(torch.int32), 0))
+        if positions is not None and kwargs.get("past_key_values") is None and module.training:
+            starts = positions == 0  # (sequences, tokens): a row starts wherever its positions restart
+            if bool((starts.sum(dim=1) > 1).any()):
+                rows.set(torch.cumsum(starts.to(torch.int32), 1))
 
     decoder.register_forward_pre_hook(note_rows, with_kwargs=True)
     decoder._swft_packed_attention = True

@@ -8,7 +8,9 @@ ways to fill a pass, chosen by the profile:
   of as many rows as fit `rows x longest row <= token_budget`; rows of similar length sit together, so padding
   stays small. The number of rows per micro-batch varies.
 - packing (`token_budget`, `packing = true`): rows are packed best-fit-decreasing into sequences of at most
-  `token_budget` tokens, one sequence per micro-batch, filled up to the budget. Position ids restart at 0 for every row; the
+  `max_seq_length` tokens, each filled up to that length, and a pass holds `token_budget // max_seq_length` of them
+  (h100: one sequence of 8,192; rtx4090: two of 8,192, the shape its unpacked 2 x 8,192 passes have, which
+  Unsloth's offloaded recomputation runs at full speed). Position ids restart at 0 for every row; the
   attention implementation (backends) builds a mask that keeps each row to itself, sliding window and sinks
   included, so every row computes exactly what it computes alone (tests/test_batching.py proves it).
 
@@ -39,8 +41,10 @@ class BatchPlan:
     micro_batches: int
     tokens: int               # real tokens of the kept rows
     padded_tokens: int        # tokens the passes compute, padding included
-    token_budget: int | None  # None for "fixed"
+    token_budget: int | None  # None for "fixed"; the tokens a pass can hold (packed: sequences x their length)
     max_rows_per_batch: int
+    sequences_per_pass: int = 1  # packed: sequences of `sequence_length` tokens in a pass
+    sequence_length: int | None = None
 
     @property
     def padding_fraction(self) -> float:
@@ -57,6 +61,7 @@ class BatchPlan:
         return {"mode": self.mode, "rows": self.rows, "micro_batches": self.micro_batches, "tokens": self.tokens,
                 "padded_tokens": self.padded_tokens, "token_budget": self.token_budget,
                 "max_rows_per_batch": self.max_rows_per_batch,
+                "sequences_per_pass": self.sequences_per_pass, "sequence_length": self.sequence_length,
                 "padding_fraction": round(self.padding_fraction, 4),
                 "fill_fraction": None if self.fill_fraction is None else round(self.fill_fraction, 4)}
 
@@ -83,8 +88,22 @@ def budget_batches(lengths: list[int], budget: int, seed: int) -> list[list[int]
     return batches
 
 
-def packed_batches(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
-    """Best-fit decreasing: each row, longest first, goes into the fullest sequence it still fits in."""
+def packed_sequences(profile) -> tuple[int, int]:
+    """(sequences per pass, tokens per sequence) of a packed profile: sequences as long as max_seq_length (no row is
+    longer), as many as the token budget holds."""
+    length = min(profile.token_budget, profile.max_seq_length)
+    return max(1, profile.token_budget // length), length
+
+
+def packed_batches(lengths: list[int], budget: int, seed: int, sequences: int = 1) -> list[list[int]]:
+    """Best-fit decreasing: each row, longest first, goes into the fullest sequence of `budget` tokens it still fits
+    in; a batch is `sequences` such sequences, their rows listed sequence by sequence (PackedCollator splits them
+    again)."""
+    bins = _best_fit_decreasing(lengths, budget, seed)
+    return [[i for b in bins[k:k + sequences] for i in b] for k in range(0, len(bins), sequences)]
+
+
+def _best_fit_decreasing(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     order.sort(key=lambda i: -lengths[i])
@@ -166,8 +185,9 @@ class WithFiller:
 
 
 def plan_batches(lengths: list[int], mode: str, *, token_budget: int = 0, batch_size: int = 1,
-                 seed: int = 0) -> tuple[list[list[int]] | None, BatchPlan]:
-    """The batches for `mode` ("fixed": None, the Trainer's own sampler) and what they hold."""
+                 seed: int = 0, sequences: int = 1) -> tuple[list[list[int]] | None, BatchPlan]:
+    """The batches for `mode` ("fixed": None, the Trainer's own sampler) and what they hold. Packed: `sequences`
+    sequences of `token_budget` tokens a pass (packed_sequences gives both for a profile)."""
     tokens = sum(lengths)
     if mode == "fixed":
         # The Trainer's random sampler: its padding depends on the shuffle; estimate it with one seeded shuffle.
@@ -180,12 +200,24 @@ def plan_batches(lengths: list[int], mode: str, *, token_budget: int = 0, batch_
         batches = budget_batches(lengths, token_budget, seed)
         padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     elif mode == "packed":
-        batches = packed_batches(lengths, token_budget, seed)
-        padded = len(batches) * token_budget  # every pass is filled to the budget (PackedCollator's pad_to)
+        batches = packed_batches(lengths, token_budget, seed, sequences)
+        padded = len(batches) * sequences * token_budget  # every pass is filled (PackedCollator's pad_to)
+        return batches, BatchPlan(mode, len(lengths), len(batches), tokens, padded, sequences * token_budget,
+                                  max((len(b) for b in batches), default=0), sequences, token_budget)
     else:
         raise ValueError(f"unknown batching mode {mode!r}")
     return batches, BatchPlan(mode, len(lengths), len(batches), tokens, padded, token_budget,
                               max((len(b) for b in batches), default=0))
+
+
+def plan_batches_for(profile, lengths: list[int], seed: int) -> tuple[list[list[int]] | None, BatchPlan]:
+    """plan_batches with a profile's batching settings (what train() runs and --dry-run prints)."""
+    mode = batching_mode(profile)
+    if mode == "packed":
+        sequences, length = packed_sequences(profile)
+        return plan_batches(lengths, mode, token_budget=length, seed=seed, sequences=sequences)
+    return plan_batches(lengths, mode, token_budget=profile.token_budget, batch_size=profile.per_device_batch_size,
+                        seed=seed)
 
 
 def batching_mode(profile) -> str:
@@ -219,24 +251,45 @@ class PaddedCollator:
 
 
 class PackedCollator:
-    """Concatenates a micro-batch's rows into one sequence (batch size 1) with position ids restarting per row.
+    """Concatenates a micro-batch's rows into `sequences` sequences with position ids restarting per row.
 
     No attention_mask: given position ids that restart and no mask, transformers builds a mask that keeps each row
     to itself (masking_utils.find_packed_sequence_indices), and so does swft-lite's patch of Unsloth's attention.
     The first token of every row gets label -100: the loss shifts labels by one, and that token would otherwise be
     predicted from the previous row's last token. Alone, a row's first token is never a target either.
 
-    `pad_to` fills the sequence up to that length with one more row of padding (label -100, its own positions, so
-    it is attended to by nothing else): every pass then has the same shape, and Unsloth's compiled kernels, which
-    recompile for a new shape, compile once (benchmarks/RESULTS.md measures the difference)."""
+    `pad_to` fills each sequence up to that length with one more row of padding (label -100, its own positions, so
+    it is attended to by nothing else), and a pass with fewer sequences gets sequences of padding: every pass then
+    has the same shape, and Unsloth's compiled kernels, which recompile for a new shape, compile once
+    (benchmarks/RESULTS.md measures the difference). With `sequences` > 1 the rows come sequence by sequence
+    (packed_batches) and are split again where the next row no longer fits `pad_to`: next-fit over rows listed bin
+    by bin never needs more sequences than there were bins."""
 
-    def __init__(self, pad_to: int | None = None, pad_token_id: int = 0):
+    def __init__(self, pad_to: int | None = None, pad_token_id: int = 0, sequences: int = 1):
+        if sequences > 1 and not pad_to:
+            raise ValueError("several packed sequences a pass need pad_to (their common length)")
         self.pad_to = pad_to
         self.pad_token_id = pad_token_id
+        self.sequences = sequences
 
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
+    def _split(self, features: list[dict]) -> list[list[dict]]:
+        if self.sequences == 1:
+            return [features]
+        groups: list[list[dict]] = [[]]
+        used = 0
+        for f in features:
+            n = len(f["input_ids"])
+            if groups[-1] and used + n > self.pad_to:
+                groups.append([])
+                used = 0
+            groups[-1].append(f)
+            used += n
+        if len(groups) > self.sequences:
+            raise ValueError(f"a pass's rows need {len(groups)} sequences of {self.pad_to} tokens, more than "
+                             f"{self.sequences}")
+        return groups + [[] for _ in range(self.sequences - len(groups))]
 
+    def _sequence(self, features: list[dict]) -> tuple[list, list, list]:
         ids, labels, positions = [], [], []
         for f in features:
             n = len(f["input_ids"])
@@ -250,16 +303,31 @@ class PackedCollator:
             ids.extend([self.pad_token_id] * fill)
             labels.extend([IGNORE] * fill)
             positions.extend(range(fill))
-        return {"input_ids": torch.tensor([ids], dtype=torch.long),
-                "labels": torch.tensor([labels], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long)}
+        return ids, labels, positions
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids, labels, positions = zip(*(self._sequence(g) for g in self._split(features)))
+        return {"input_ids": torch.tensor(ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "position_ids": torch.tensor(positions, dtype=torch.long)}
 
 
-def collator_for(mode: str, pad_token_id: int, token_budget: int | None = None):
-    """The collator of a batching mode; packed passes are filled to the token budget (one shape for every pass)."""
+def collator_for(mode: str, pad_token_id: int, token_budget: int | None = None, sequences: int = 1):
+    """The collator of a batching mode; packed passes are `sequences` sequences filled to `token_budget` tokens each
+    (one shape for every pass)."""
     if mode == "packed":
-        return PackedCollator(pad_to=token_budget, pad_token_id=pad_token_id)
+        return PackedCollator(pad_to=token_budget, pad_token_id=pad_token_id, sequences=sequences)
     return PaddedCollator(pad_token_id)
+
+
+def collator_for_profile(profile, pad_token_id: int):
+    mode = batching_mode(profile)
+    if mode == "packed":
+        sequences, length = packed_sequences(profile)
+        return collator_for(mode, pad_token_id, length, sequences)
+    return collator_for(mode, pad_token_id, profile.token_budget)
 
 
 def dataset_lengths(dataset) -> list[int]:

@@ -61,8 +61,9 @@ class Profile:
                            "many as fit (rows x longest row <= token_budget, or their sum with packing). 0 = off: "
                            "per_device_batch_size rows per pass, as many tokens as they happen to have.",
                            min=0, max=1048576)
-    packing: bool = _f(False, "Pack several rows into one sequence of up to token_budget tokens (no padding), with "
-                       "position ids restarting per row and attention kept within each row. Needs token_budget.")
+    packing: bool = _f(False, "Pack rows into sequences of max_seq_length tokens (no padding), token_budget // "
+                       "max_seq_length of them per pass, with position ids restarting per row and attention kept "
+                       "within each row. Needs token_budget.")
     gradient_checkpointing: str = _f("unsloth", "Activation recomputation: 'unsloth' (offloads to CPU RAM), "
                                      "'true' (plain recomputation) or 'false' (fastest, most memory).",
                                      choices=("unsloth", "true", "false"))
@@ -286,7 +287,7 @@ def _check_consistency(p: Profile, where: str, sources: dict[str, str] | None = 
     src = sources or {}
     if p.packing and p.token_budget == 0:
         raise ProfileError(f"{where}: key 'packing' (from {src.get('packing', 'the defaults')}) needs a "
-                           "'token_budget' (the length of a packed sequence), but token_budget is 0; set it, e.g. "
+                           "'token_budget' (the tokens of a packed pass), but token_budget is 0; set it, e.g. "
                            f"token_budget = {p.max_seq_length}")
     if p.token_budget and p.token_budget < 128:
         raise ProfileError(f"{where}: key 'token_budget' must be 0 (off) or >= 128, got {p.token_budget}")

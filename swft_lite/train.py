@@ -398,12 +398,10 @@ def plan_training(profile: Profile, options: TrainOptions, train_dataset, backen
     import math
 
     from swft_lite import estimate as est
-    from swft_lite.batching import batching_mode, dataset_lengths, plan_batches
+    from swft_lite.batching import dataset_lengths, plan_batches_for
 
     lengths = dataset_lengths(train_dataset)
-    mode = batching_mode(profile)
-    _, plan = plan_batches(lengths, mode, token_budget=profile.token_budget,
-                           batch_size=profile.per_device_batch_size, seed=options.seed)
+    _, plan = plan_batches_for(profile, lengths, options.seed)
     accumulation = profile.gradient_accumulation_steps
     # Under data parallel every process takes every N-th pass (accelerate's BatchSamplerShard): passes and time
     # below are one process's, tokens the whole run's.
@@ -442,7 +440,8 @@ def format_plan(profile: Profile, plan: dict, backend: str) -> str:
     elif b["mode"] == "budget":
         how = f"token budget {b['token_budget']:,}, length-bucketed: up to {b['max_rows_per_batch']} rows per pass"
     else:
-        how = f"packed into sequences of up to {b['token_budget']:,} tokens (up to {b['max_rows_per_batch']} rows)"
+        seqs = f"{b['sequences_per_pass']} sequences" if b["sequences_per_pass"] > 1 else "sequences"
+        how = f"packed into {seqs} of up to {b['sequence_length']:,} tokens (up to {b['max_rows_per_batch']} rows)"
     lines = [
         f"plan: {b['rows']:,} rows, {b['tokens']:,} tokens an epoch (mean {plan['mean_row']:,}, longest "
         f"{plan['longest_row']:,})",
@@ -664,8 +663,8 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
     TensorBoard writer."""
     from trl import SFTTrainer
 
-    from swft_lite.batching import (EpochBatchSampler, PaddedCollator, batching_mode, collator_for, dataset_lengths,
-                                    plan_batches, with_batch_sampler)
+    from swft_lite.batching import (EpochBatchSampler, PaddedCollator, batching_mode, collator_for_profile,
+                                    dataset_lengths, plan_batches_for, with_batch_sampler)
     from torch.utils.tensorboard import SummaryWriter
     from transformers import PrinterCallback
 
@@ -679,10 +678,9 @@ def build_trainer(run: RunFolder, record: RunRecord, profile: Profile, options: 
     trainer.remove_callback(PrinterCallback)
     mode = batching_mode(profile)
     if mode != "fixed":
-        batches, _ = plan_batches(dataset_lengths(trainer.train_dataset), mode,
-                                  token_budget=profile.token_budget, seed=options.seed)
+        batches, _ = plan_batches_for(profile, dataset_lengths(trainer.train_dataset), options.seed)
         trainer.swft_batch_sampler = EpochBatchSampler(batches, options.seed)
-        trainer.data_collator = collator_for(mode, tokenizer.pad_token_id, profile.token_budget)
+        trainer.data_collator = collator_for_profile(profile, tokenizer.pad_token_id)
     eval_collator = PaddedCollator(tokenizer.pad_token_id) if mode == "packed" else None
     counter = TokenCounter(trainer.data_collator, lambda: trainer.model.training, eval_collator)
     trainer.data_collator = counter

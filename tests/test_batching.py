@@ -43,6 +43,28 @@ def test_packed_batches_fill_sequences_nearly_full():
     assert plan.padding_fraction == pytest.approx(1 - plan.fill_fraction)
 
 
+def test_two_packed_sequences_a_pass_fill_both_and_split_where_they_were_packed():
+    """rtx4090's packed passes: two sequences of 8,192 tokens each (the shape of its unpacked 2 x 8,192 passes)."""
+    from swft_lite.batching import packed_sequences, plan_batches_for
+    from swft_lite.profiles import load_profile
+
+    profile = load_profile("rtx4090", {"token_budget": 16384, "packing": True})
+    assert packed_sequences(profile) == (2, 8192)
+    lengths = lognormal_lengths()
+    batches, plan = plan_batches_for(profile, lengths, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert plan.padded_tokens == plan.micro_batches * 16384 and plan.fill_fraction > 0.95
+    assert (plan.sequences_per_pass, plan.sequence_length, plan.token_budget) == (2, 8192, 16384)
+    collate = PackedCollator(pad_to=8192, sequences=2)
+    for b in batches:
+        rows = [{"input_ids": [7] * lengths[i], "labels": [7] * lengths[i]} for i in b]
+        out = collate(rows)
+        assert out["input_ids"].shape == (2, 8192)
+        starts = (out["position_ids"] == 0).sum().item()  # every row starts once, plus one padding row a sequence
+        assert len(b) <= starts <= len(b) + 2
+        assert int((out["labels"] != -100).sum()) == sum(lengths[i] - 1 for i in b)
+
+
 def test_a_row_longer_than_the_budget_is_refused():
     with pytest.raises(ValueError, match="9000 tokens, more than the token budget 8192"):
         budget_batches([100, 9000], 8192, seed=0)
@@ -78,6 +100,14 @@ def test_collators_pad_and_pack():
     assert filled["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
     assert filled["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert filled["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]
+    # Two sequences a pass: split where the next row no longer fits; a missing sequence is all padding.
+    two = PackedCollator(pad_to=4, pad_token_id=0, sequences=2)(rows)
+    assert two["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 0, 0]]
+    assert two["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    assert two["labels"].tolist() == [[-100, 6, 7, -100], [-100, 9, -100, -100]]
+    assert PackedCollator(pad_to=8, sequences=2)(rows)["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [0] * 8]
+    with pytest.raises(ValueError, match="need 3 sequences of 3 tokens, more than 2"):
+        PackedCollator(pad_to=3, sequences=2)(rows + rows[:1])
 
 
 # --- on a tiny gpt-oss (fp32, CPU) ---------------------------------------------------------------------------------
@@ -123,6 +153,42 @@ def test_packed_rows_compute_what_they_compute_alone(tiny_window_model, attn):
     # Positions that run on across rows hide the boundaries: a leak again, and caught again.
     leak = packed_isolation_error(model, rows, restart_positions=False)
     assert leak > 1e-2, f"a leaking mask went unnoticed (max |dlogit| {leak:.2e})"
+
+
+def two_sequence_isolation_error(model, rows, length):
+    """Max |logit difference| between every row alone and the same rows packed into a pass of two sequences."""
+    import torch
+
+    batch = PackedCollator(pad_to=length, sequences=2)(rows)
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        worst, seq, start = 0.0, 0, 0
+        for r in rows:
+            n = len(r["input_ids"])
+            if start + n > length:
+                seq, start = seq + 1, 0
+            alone = model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits[0]
+            worst = max(worst, float((together[seq, start:start + n] - alone).abs().max()))
+            start += n
+    assert seq == 1, "the rows did not reach the second sequence"
+    return worst
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex"])
+def test_two_packed_sequences_a_pass_keep_their_rows_apart(tiny_window_model, attn):
+    """A pass of two packed sequences (rtx4090's shape): every row of both computes what it computes alone, on the
+    hf backend's masks and on the flex-attention wrapper packing installs under Unsloth."""
+    from swft_lite.backends import enable_packed_attention, enable_packed_flex_attention, torch_flex_kernel
+
+    model = copy.deepcopy(tiny_window_model)
+    model.config._attn_implementation = "eager" if attn == "flex" else attn
+    rows = random_rows([40, 23, 30, 57, 9], seed=3)  # sequences of 96: [40, 23, 30] and [57, 9] + padding
+    if attn == "flex":
+        enable_packed_flex_attention(model, torch_flex_kernel())
+        model.train()
+    else:
+        enable_packed_attention(model)
+    assert two_sequence_isolation_error(model, rows, 96) <= (1e-4 if attn == "flex" else 1e-3)
 
 
 def test_the_packed_attention_unsloth_runs_keeps_rows_apart(tiny_window_model):
@@ -238,27 +304,31 @@ def _relative_difference(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["budget", "packed"])
+@pytest.mark.parametrize("mode", ["budget", "packed", "packed2"])
 def test_a_step_has_the_gradient_of_its_rows_one_at_a_time(tiny_model_dir, tokenizer, tmp_path, mode):
     """However rows are spread over micro-batches (3 rows in one pass, 1 in the next, padded, or packed and filled
     to the budget), the step's gradient equals that of the same rows one at a time, normalised per trained token
     (fp32, relative <= 1e-4)."""
     from swft_lite.backends import load_for_training
-    from swft_lite.batching import collator_for
+    from swft_lite.batching import collator_for_profile, plan_batches_for
     from swft_lite.profiles import Profile
 
+    # packed2: two packed sequences of 128 tokens a pass
     profile = Profile(lora_targets="attention+experts", load_in_4bit=False, gradient_checkpointing="false",
-                      lora_rank=4, lora_alpha=8, token_budget=128, packing=mode == "packed")
+                      lora_rank=4, lora_alpha=8, token_budget=256 if mode == "packed2" else 128,
+                      max_seq_length=128, packing=mode != "budget")
     model, _, _ = load_for_training("hf", str(tiny_model_dir), profile)
     with __import__("torch").no_grad():  # LoRA B starts at zero: give it values so every adapter has a gradient path
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
     rows = random_rows([30, 31, 29, 70, 12], seed=2)
+    if mode == "packed2":
+        rows = random_rows([30, 31, 29, 70, 12, 60, 90, 25, 40], seed=2)
     lengths = [len(r["input_ids"]) for r in rows]
-    batches = (budget_batches if mode == "budget" else packed_batches)(lengths, profile.token_budget, seed=0)
+    batches, _ = plan_batches_for(profile, lengths, seed=0)
     assert len(batches) >= 2 and max(len(b) for b in batches) >= 2  # several rows in a pass, several passes
-    trainer = _trainer(model, tokenizer, rows, batches, collator_for(mode, tokenizer.pad_token_id, profile.token_budget),
+    trainer = _trainer(model, tokenizer, rows, batches, collator_for_profile(profile, tokenizer.pad_token_id),
                        tmp_path, accumulation=len(batches))
     got = _trainer_step_grads(trainer, len(batches))
     want = _one_row_at_a_time_grads(trainer.model, rows)
