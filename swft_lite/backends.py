@@ -167,6 +167,30 @@ def import_unsloth():
     return unsloth
 
 
+def unsloth_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def load_unsloth_for_inference(model_dir: str, adapter_dir: str | None, *, device: str, max_seq_length: int):
+    """Unsloth's FastLanguageModel in inference mode (`for_inference`: its fast generation path) for `chat` and
+    `eval`: the weights as saved (bf16, no 4-bit), plus a LoRA adapter through PEFT when given."""
+    os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")  # eval's loss reads the logits Unsloth otherwise skips
+    import_unsloth()
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=max_seq_length,
+                                                 load_in_4bit=False, dtype=training_dtype(), full_finetuning=False,
+                                                 use_exact_model_name=True, device_map={"": device})
+    if adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    FastLanguageModel.for_inference(model)
+    return model
+
+
 def unsloth_gradient_checkpointing(profile: Profile):
     """The profile's gradient_checkpointing as get_peft_model's use_gradient_checkpointing takes it."""
     return {"unsloth": "unsloth", "true": True, "false": False}[profile.gradient_checkpointing]

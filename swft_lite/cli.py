@@ -609,13 +609,16 @@ def verify_cmd(run, artefact, as_json):
 @click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
               show_default=True, help="Reasoning level in the system block for rows that set none.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1; auto = cuda when available.")
+@click.option("--engine", type=click.Choice(["auto", "unsloth", "transformers"]), default="auto", show_default=True,
+              help="Run and model folders: auto = Unsloth's inference mode on a CUDA GPU where unsloth is installed, "
+              "else transformers. A .gguf always runs on llama.cpp.")
 @click.option("--mermaid-checker", type=click.Choice(["auto", "mermaid", "subset"]), default="auto",
               show_default=True, help="auto: Mermaid's own parser (node + npm mermaid) when installed, else the subset "
               "check of flowchart/sequence/class syntax.")
 @click.option("--fetch-mermaid", is_flag=True, help="npm install mermaid and jsdom into ~/.cache/swft-lite/mermaid "
               "first (needs node 18+).")
 def eval_cmd(run, data_path, predictions, compare, as_json, rows_out, max_new_tokens, temperature, seed, limit, mask,
-             reasoning_effort, device, mermaid_checker, fetch_mermaid):
+             reasoning_effort, device, engine, mermaid_checker, fetch_mermaid):
     """Score answers with the wiki-agent metrics; fine-tuned vs base side by side with --compare.
 
     \b
@@ -665,7 +668,8 @@ def eval_cmd(run, data_path, predictions, compare, as_json, rows_out, max_new_to
             rows = ev.read_data(data_path)[:limit]
             for r in rows:  # every row is checked before a model loads
                 ev._prompt_tokens(r, options)
-            kw = dict(device=device, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, log=log)
+            kw = dict(device=device, engine=engine, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                      log=log)
             results.append(ev.evaluate_model("fine-tuned" if compare is not None else "model", run, rows, options,
                                              checker, **kw))
             if compare is not None:
@@ -703,30 +707,35 @@ def eval_cmd(run, data_path, predictions, compare, as_json, rows_out, max_new_to
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="Run folders: cpu, cuda, cuda:1; auto = cuda "
               "when available.")
+@click.option("--engine", type=click.Choice(["auto", "unsloth", "transformers"]), default="auto", show_default=True,
+              help="Run and model folders: auto = Unsloth's inference mode on a CUDA GPU where unsloth is installed, "
+              "else transformers. A .gguf always runs on llama.cpp.")
 @click.option("--base", default=None, help="Run folders: use base + adapter/ with this base (skips merged/).")
 @click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="GGUF: layers offloaded to the GPU "
               "(-1 = all).")
 @click.option("--n-ctx", type=click.IntRange(256), default=8192, show_default=True, help="GGUF: context length.")
 def chat_cmd(model_ref, prompt, system, reasoning_effort, no_reasoning, as_json, max_new_tokens, temperature, seed,
-             device, base, n_gpu_layers, n_ctx):
+             device, engine, base, n_gpu_layers, n_ctx):
     """Chat with a run folder (merged/, or base + adapter/) or a GGUF, in harmony.
 
     \b
     The reply streams as it is generated, parsed by openai-harmony into its channels: reasoning dimmed (hidden with
     --no-reasoning), the answer plain; raw harmony markup is never printed. Earlier turns keep only their answers.
-    Engines: a .gguf through llama-cpp-python; a run or model folder through transformers (+ PEFT for an adapter).
+    Engines: a .gguf through llama-cpp-python; a run or model folder through Unsloth's inference mode on a CUDA GPU
+    where it is installed, else transformers (+ PEFT for an adapter); --engine chooses.
     """
     from swft_lite.chat import ChatSession, run_chat
     from swft_lite.inference import load_engine
 
     log = (lambda s: click.echo(s, err=True))
     try:
-        engine = load_engine(model_ref, device=device, base=base, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, log=log)
-        click.secho(f"engine: {engine.description}", dim=True, err=True)
-        session = ChatSession(engine, instructions=system, reasoning_effort=reasoning_effort,
+        model = load_engine(model_ref, device=device, base=base, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+                            engine=engine, log=log)
+        click.secho(f"engine: {model.description}", dim=True, err=True)
+        session = ChatSession(model, instructions=system, reasoning_effort=reasoning_effort,
                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         run_chat(session, prompt=prompt, as_json=as_json, show_reasoning=not no_reasoning)
-        engine.close()
+        model.close()
     except KeyboardInterrupt:
         fail("interrupted", code=130)
 

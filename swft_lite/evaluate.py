@@ -194,20 +194,20 @@ def score(label: str, engine_desc: str, rows: list[EvalRow], answers: list[M.Ans
 
 
 def evaluate_model(label: str, ref: str, rows: list[EvalRow], options, checker, *, device: str, max_new_tokens: int,
-                   temperature: float, seed: int, base: str | None = None, loss: bool = True,
+                   temperature: float, seed: int, base: str | None = None, loss: bool = True, engine: str = "auto",
                    log: Callable[[str], None] = lambda s: None) -> ModelResult:
     from swft_lite.inference import load_engine
 
     t0 = time.perf_counter()
-    engine = load_engine(ref, device=device, base=base, log=log)
-    log(f"{label}: {engine.description}")
+    model = load_engine(ref, device=device, base=base, engine=engine, log=log)
+    log(f"{label}: {model.description}")
     try:
-        answers, gen = generate_answers(engine, rows, options, max_new_tokens=max_new_tokens,
+        answers, gen = generate_answers(model, rows, options, max_new_tokens=max_new_tokens,
                                         temperature=temperature, seed=seed, log=log)
-        lossd = eval_loss(engine, rows, options) if loss else {"loss": None, "perplexity": None, "tokens": 0}
+        lossd = eval_loss(model, rows, options) if loss else {"loss": None, "perplexity": None, "tokens": 0}
     finally:
-        engine.close()
-    result = score(label, engine.description, rows, answers, checker)
+        model.close()
+    result = score(label, model.description, rows, answers, checker)
     result.summary.update({"eval_loss": lossd["loss"], "perplexity": lossd["perplexity"],
                            "loss_tokens": lossd["tokens"], **gen, "seconds": round(time.perf_counter() - t0, 2)})
     return result

@@ -7,8 +7,9 @@
 * Replies are parsed by harmony's own `StreamableParser` token by token, so a caller sees the content of each channel
   as it grows (analysis = reasoning, final = answer) and never the markup between them. Generation stops at
   <|return|> or <|call|> (harmony's stop tokens for the assistant), or after max_new_tokens.
-* Engines: a GGUF through llama-cpp-python (`n_gpu_layers` for GPU offload), and a run folder through transformers
-  (RUN/merged when present, else the base in run.json + RUN/adapter through PEFT), or any model folder.
+* Engines: a GGUF through llama-cpp-python (`n_gpu_layers` for GPU offload), and a run folder (RUN/merged when
+  present, else the base in run.json + RUN/adapter through PEFT) or any model folder through Unsloth's inference
+  mode (on a CUDA GPU with unsloth installed: `engine="auto"` picks it there) or plain transformers.
 """
 
 from __future__ import annotations
@@ -234,6 +235,52 @@ class HFEngine(Engine):
             return torch.log_softmax(logits, -1).gather(1, x[0, 1:, None]).squeeze(1).cpu()
 
 
+class UnslothEngine(HFEngine):
+    """The same generate loop on a model Unsloth loaded and switched to inference mode (backends)."""
+
+    name = "unsloth"
+
+
+ENGINES = ("auto", "unsloth", "transformers")
+
+
+def _folder_engine(engine: str, device: str) -> str:
+    """Which engine loads a model folder: auto = Unsloth on a CUDA GPU where it is installed, else transformers."""
+    from swft_lite.backends import unsloth_importable
+
+    if engine not in ENGINES:
+        raise ChatError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    usable = device.startswith("cuda") and unsloth_importable()
+    if engine == "auto":
+        return "unsloth" if usable else "transformers"
+    if engine == "unsloth" and not usable:
+        why = "unsloth is not installed (pip install 'swft-lite[unsloth]')" if device.startswith("cuda") else \
+            f"it runs on a CUDA GPU, and the device is {device}"
+        raise ChatError(f"--engine unsloth: {why}; use --engine transformers")
+    return engine
+
+
+def _load_folder(engine: str, model_dir: Path, adapter_dir: Path | None, device: str, torch_dtype, n_ctx: int,
+                 what: str) -> Engine:
+    dtype_name = str(torch_dtype).replace("torch.", "")
+    if engine == "unsloth":
+        from swft_lite.backends import load_unsloth_for_inference, training_dtype
+
+        model = load_unsloth_for_inference(str(model_dir), adapter_dir and str(adapter_dir), device=device,
+                                           max_seq_length=n_ctx)
+        return UnslothEngine(model, device, f"unsloth (inference mode): {what} on {device}, "
+                                            f"{str(training_dtype()).replace('torch.', '')}")
+    from swft_lite.probes import load_causal_lm
+
+    model = load_causal_lm(model_dir, device, torch_dtype)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+        return HFEngine(model, device, f"transformers + PEFT: {what} on {device}, {dtype_name}")
+    return HFEngine(model, device, f"transformers: {what} on {device}, {dtype_name}")
+
+
 class GGUFEngine(Engine):
     """A GGUF through llama-cpp-python."""
 
@@ -287,41 +334,37 @@ def _device(device: str) -> str:
 
 
 def load_engine(ref: str | Path, *, device: str = "auto", dtype: str | None = None, n_gpu_layers: int = 0,
-                n_ctx: int = 8192, base: str | None = None, log: Callable[[str], None] = lambda s: None) -> Engine:
-    """An engine for a GGUF file, a run folder (merged/ or base + adapter/), or a model folder / cached hub id."""
+                n_ctx: int = 8192, base: str | None = None, engine: str = "auto",
+                log: Callable[[str], None] = lambda s: None) -> Engine:
+    """An engine for a GGUF file (llama.cpp), or a run folder (merged/ or base + adapter/) or model folder / cached
+    hub id through `engine` (auto, unsloth, transformers)."""
     p = Path(ref).expanduser()
     if p.suffix == ".gguf" or p.is_file():
         if not p.is_file():
             raise ChatError(f"{p}: no such GGUF file")
         return GGUFEngine(p, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
     from swft_lite import merge as merge_mod
-    from swft_lite.probes import default_dtype, load_causal_lm
+    from swft_lite.probes import default_dtype
     from swft_lite.run_folder import RunFolder, find_adapter
 
     device = _device(device)
+    kind = _folder_engine(engine, device)
     torch_dtype = default_dtype(device, dtype)
     merged = RunFolder(p).merged
     if p.is_dir() and (merged / "config.json").exists() and base is None:
-        log(f"loading {merged} ...")
-        model = load_causal_lm(merged, device, torch_dtype)
-        return HFEngine(model, device, f"transformers: {merged} (merged) on {device}, "
-                                       f"{str(torch_dtype).replace('torch.', '')}")
+        log(f"loading {merged} ({kind}) ...")
+        return _load_folder(kind, merged, None, device, torch_dtype, n_ctx, f"{merged} (merged)")
     if p.is_dir() and find_adapter(p) is not None:
         try:
             inputs = merge_mod.resolve_inputs(p, base=base)
         except merge_mod.MergeError as exc:
             raise ChatError(str(exc)) from None
-        from peft import PeftModel
-
-        log(f"loading {inputs.base_dir} + {inputs.adapter_dir} ...")
-        model = load_causal_lm(inputs.base_dir, device, torch_dtype)
-        model = PeftModel.from_pretrained(model, str(inputs.adapter_dir)).eval()
-        return HFEngine(model, device, f"transformers + PEFT: base {inputs.base_dir} + adapter {inputs.adapter_dir} "
-                                       f"on {device}, {str(torch_dtype).replace('torch.', '')}")
+        log(f"loading {inputs.base_dir} + {inputs.adapter_dir} ({kind}) ...")
+        return _load_folder(kind, inputs.base_dir, inputs.adapter_dir, device, torch_dtype, n_ctx,
+                            f"base {inputs.base_dir} + adapter {inputs.adapter_dir}")
     if p.is_dir() and (p / "config.json").exists():
-        log(f"loading {p} ...")
-        model = load_causal_lm(p, device, torch_dtype)
-        return HFEngine(model, device, f"transformers: {p} on {device}, {str(torch_dtype).replace('torch.', '')}")
+        log(f"loading {p} ({kind}) ...")
+        return _load_folder(kind, p, None, device, torch_dtype, n_ctx, str(p))
     if p.is_dir():
         raise ChatError(f"{p} is neither a run folder (merged/ or adapter/ inside), a model folder (config.json) nor "
                         "a .gguf file")
@@ -330,7 +373,7 @@ def load_engine(ref: str | Path, *, device: str = "auto", dtype: str | None = No
     except merge_mod.MergeError:
         raise ChatError(f"{ref}: no such file or folder (expected a run folder written by `swft-lite train`, a model "
                         "folder with config.json, a .gguf file, or a hub id in the local Hugging Face cache)") from None
-    return load_engine(d, device=device, dtype=dtype)
+    return load_engine(d, device=device, dtype=dtype, n_ctx=n_ctx, engine=engine, log=log)
 
 
 def run_base(ref: str | Path) -> str | None:

@@ -103,6 +103,11 @@ def test_one_shot_on_a_tiny_run_folder(tiny_model_dir, tmp_path):
     assert "engine: transformers + PEFT" in result.stderr
     plain = CliRunner().invoke(main, ["chat", str(run), "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu"])
     assert plain.exit_code == 0 and not any(tok in plain.stdout for tok in MARKUP)
+    # Unsloth's engine runs on a CUDA GPU only: asked for on the CPU, one Error line says what to use instead.
+    forced = CliRunner().invoke(main, ["chat", str(run), "--prompt", "Hi", "--device", "cpu", "--engine", "unsloth"])
+    assert forced.exit_code == 1 and "Traceback" not in forced.output
+    assert forced.output.startswith("Error: --engine unsloth: it runs on a CUDA GPU, and the device is cpu; use "
+                                    "--engine transformers"), forced.output
 
 
 def test_one_shot_on_a_tiny_gguf(tiny_model_dir, tmp_path, llama_cpp_dir):  # noqa: F811
