@@ -34,11 +34,15 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def choose_backend(requested: str) -> str:
-    """'auto' means unsloth on a CUDA GPU with unsloth installed, else hf."""
+def unsloth_importable() -> bool:
     import importlib.util
 
-    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def choose_backend(requested: str) -> str:
+    """'auto' means unsloth on a CUDA GPU with unsloth installed, else hf."""
+    has_unsloth = unsloth_importable()
     if requested == "auto":
         if cuda_available() and has_unsloth:
             return "unsloth"
@@ -165,12 +169,6 @@ def import_unsloth():
     import unsloth  # noqa: F401
 
     return unsloth
-
-
-def unsloth_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("unsloth") is not None
 
 
 def load_unsloth_for_inference(model_dir: str, adapter_dir: str | None, *, device: str, max_seq_length: int):

@@ -18,6 +18,7 @@ from swft_lite import __version__
 from swft_lite import profiles as profiles_mod
 from swft_lite.data.options import DataOptions
 from swft_lite.errors import SwftError
+from swft_lite.inference import ENGINES
 from swft_lite.profiles import PROFILE_FIELDS, Profile
 from swft_lite.train import TrainOptions
 
@@ -80,6 +81,13 @@ def field_option(cls, name: str, *, help: str | None = None):  # noqa: A002 - cl
 # can never disagree. The options default to None: "not given, keep the profile's value".
 
 _OVERRIDE_SKIP = {"name", "description", "source", "vram_budget_gib"}
+
+
+# chat's and eval's engine for run and model folders (inference.load_engine).
+engine_option = click.option(
+    "--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+    help="Run and model folders: auto = Unsloth's inference mode on a CUDA GPU where unsloth is installed, else "
+    "transformers. A .gguf always runs on llama.cpp.")
 
 
 def _override_option(f: dataclasses.Field):
@@ -609,9 +617,7 @@ def verify_cmd(run, artefact, as_json):
 @click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium",
               show_default=True, help="Reasoning level in the system block for rows that set none.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1; auto = cuda when available.")
-@click.option("--engine", type=click.Choice(["auto", "unsloth", "transformers"]), default="auto", show_default=True,
-              help="Run and model folders: auto = Unsloth's inference mode on a CUDA GPU where unsloth is installed, "
-              "else transformers. A .gguf always runs on llama.cpp.")
+@engine_option
 @click.option("--mermaid-checker", type=click.Choice(["auto", "mermaid", "subset"]), default="auto",
               show_default=True, help="auto: Mermaid's own parser (node + npm mermaid) when installed, else the subset "
               "check of flowchart/sequence/class syntax.")
@@ -707,9 +713,7 @@ def eval_cmd(run, data_path, predictions, compare, as_json, rows_out, max_new_to
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="Run folders: cpu, cuda, cuda:1; auto = cuda "
               "when available.")
-@click.option("--engine", type=click.Choice(["auto", "unsloth", "transformers"]), default="auto", show_default=True,
-              help="Run and model folders: auto = Unsloth's inference mode on a CUDA GPU where unsloth is installed, "
-              "else transformers. A .gguf always runs on llama.cpp.")
+@engine_option
 @click.option("--base", default=None, help="Run folders: use base + adapter/ with this base (skips merged/).")
 @click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="GGUF: layers offloaded to the GPU "
               "(-1 = all).")
